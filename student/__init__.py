@@ -1,0 +1,17 @@
+"""The causal chunk student: model, dual KV cache, per-chunk few-step sampling, export/load."""
+
+from __future__ import annotations
+
+__all__ = ["CausalStudent", "StudentSettings", "KVCache", "ChunkStream", "export_student", "load_student"]
+
+_WHERE = {"CausalStudent": "student.model", "StudentSettings": "student.model", "KVCache": "student.cache",
+          "ChunkStream": "student.sampling", "export_student": "student.export", "load_student": "student.export"}
+
+
+def __getattr__(name: str):
+    # Lazy so that importing `student` does not pay for importing diffusers models.
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'student' has no attribute {name!r}")

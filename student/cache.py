@@ -1,0 +1,165 @@
+"""The student's dual KV cache: a global (context) cache and a rolling local cache of the current shot.
+
+Layout of the detached (default) mode: one preallocated tensor per cache, [layers, 2 (k|v), B, T, H, D]
+with T = global_capacity + (local_chunks + 1) · chunk tokens, laid out as
+
+    [ unused | global (context frames) | ring of local_chunks + 1 chunk slots ]
+
+The global K/V are right-aligned against the ring, and chunk i of the shot always occupies ring slot
+i mod (local_chunks + 1) — while it is being denoised and after its t = 0 pass (which overwrites the
+noisy K/V in place). So the keys chunk i attends to (the context, the previous `local_chunks` chunks
+of its shot, itself) are always one contiguous slice of the buffer and no pass allocates cache
+memory. Keys need no particular order: RoPE is applied before caching and nothing inside that slice
+is masked. Hence the full-sequence equivalent is `window_chunks = local_chunks + 1`.
+
+Autograd policy:
+- detached (default): the buffer never carries a graph. Writing a key that requires grad raises,
+  because in-place overwrites of tensors saved for backward (and history kept by a `no_grad` write)
+  are exactly the two known rollout bugs. Use it for inference and gradient-free rollout steps.
+- keep_graph: nothing is written in place. Each pass attends to `cat(stored tensors, current k/v)`
+  and a committed chunk's K/V are kept as the very tensors the pass produced (with their graph when
+  the pass ran with gradient, without when it ran under no_grad — Self Forcing's t = 0 pass). Each
+  pass gets its own snapshot of the stored tensors, so recomputation under gradient checkpointing
+  sees the same keys even after later chunks were committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """Sizes of a cache: the model's layers/heads and the token geometry of a chunk."""
+
+    layers: int
+    batch: int
+    heads: int
+    head_dim: int
+    frame_tokens: int
+    chunk_frames: int
+    global_frames: int
+    local_chunks: int
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.chunk_frames * self.frame_tokens
+
+    @property
+    def global_tokens(self) -> int:
+        return self.global_frames * self.frame_tokens
+
+    @property
+    def ring_slots(self) -> int:
+        return self.local_chunks + 1
+
+
+class _Writer:
+    """KV provider of one pass: where its keys go and which keys it attends to."""
+
+    def __init__(self, cache: "KVCache", kind: str, commit: bool) -> None:
+        self.cache, self.kind, self.commit = cache, kind, commit
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.snapshot = None if cache.buffer is not None else (
+            [] if kind == "global" else [list(cache.global_kv), [list(c) for c in cache.local_kv]])
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cache.check_tokens(self.kind, k)
+        if self.cache.buffer is not None:
+            return self.cache.write(self.kind, layer, k, v)
+        if self.commit:
+            self.recorded[layer] = (k, v)
+        if self.kind == "global":
+            return k, v
+        global_kv, local_kv = self.snapshot
+        past = ([global_kv[layer]] if global_kv else []) + [chunk[layer] for chunk in local_kv]
+        if not past:
+            return k, v
+        return (torch.cat([p[0] for p in past] + [k], dim=1), torch.cat([p[1] for p in past] + [v], dim=1))
+
+
+class KVCache:
+    """Global + local KV cache of the causal student for one stream of B rows (see module doc)."""
+
+    def __init__(self, shape: CacheShape, dtype: torch.dtype, device: torch.device | str,
+                 keep_graph: bool = False) -> None:
+        if shape.local_chunks < 0 or shape.global_frames < 0 or shape.chunk_frames < 1:
+            raise ValueError(f"cache sizes must be non-negative (chunk_frames >= 1); got {shape}")
+        self.shape, self.keep_graph = shape, keep_graph
+        tokens = shape.global_tokens + shape.ring_slots * shape.chunk_tokens
+        self.buffer = None if keep_graph else torch.zeros(
+            shape.layers, 2, shape.batch, tokens, shape.heads, shape.head_dim, dtype=dtype, device=device)
+        self.global_len = 0  # tokens of the current context
+        self.chunks = 0  # chunks of the current shot committed so far
+        self.global_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # keep_graph: per layer
+        self.local_kv: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # keep_graph: per chunk, per layer
+
+    # ---- passes ---------------------------------------------------------------------------
+    def context_pass(self, frames: int) -> _Writer:
+        """Provider for the t = 0 pass over `frames` context frames; they replace the global cache and
+        the local cache is cleared (a shot boundary). Call `finish(writer)` after the pass."""
+        if frames > self.shape.global_frames:
+            raise ValueError(f"{frames} context frames exceed the global cache's {self.shape.global_frames} "
+                             f"frames (context budget)")
+        self.global_len, self.chunks = frames * self.shape.frame_tokens, 0
+        self.global_kv, self.local_kv = [], []
+        return _Writer(self, "global", commit=True)
+
+    def chunk_pass(self, commit: bool = False) -> _Writer:
+        """Provider for a pass over the shot's next chunk; `commit=True` for its t = 0 pass, whose K/V
+        stay in the local cache once `finish(writer)` is called."""
+        return _Writer(self, "chunk", commit)
+
+    def finish(self, writer: _Writer) -> None:
+        """Keep what a committing pass wrote: the context's K/V or the chunk's clean K/V."""
+        if not writer.commit:
+            return
+        if writer.kind == "chunk":
+            self.chunks += 1
+        if self.buffer is not None or (writer.kind == "global" and not self.global_len):
+            return
+        if len(writer.recorded) != self.shape.layers:
+            raise RuntimeError(f"a committing pass saw {len(writer.recorded)} of {self.shape.layers} layers")
+        kv = [writer.recorded[layer] for layer in range(self.shape.layers)]
+        if writer.kind == "global":
+            self.global_kv = kv
+        else:
+            self.local_kv = (self.local_kv + [kv])[-self.shape.local_chunks:] if self.shape.local_chunks else []
+
+    def reset(self) -> None:
+        """Forget everything (a new stream); the buffer is kept."""
+        self.global_len, self.chunks, self.global_kv, self.local_kv = 0, 0, [], []
+
+    # ---- detached buffer ---------------------------------------------------------------------
+    def check_tokens(self, kind: str, k: torch.Tensor) -> None:
+        """The pass must carry exactly the tokens the cache was sized for."""
+        want = self.global_len if kind == "global" else self.shape.chunk_tokens
+        if k.shape[1] != want or k.shape[0] != self.shape.batch:
+            raise ValueError(f"KV cache expected [{self.shape.batch}, {want}, ...] keys for a {kind} pass; "
+                             f"got {list(k.shape)}")
+
+    def write(self, kind: str, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy k/v into their place in the buffer and return the slice the pass attends to."""
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise RuntimeError("the detached KV cache cannot carry gradient; build it with keep_graph=True "
+                               "or run the pass under torch.no_grad()")
+        shape, start = self.shape, self.shape.global_tokens
+        begin = start - self.global_len
+        if kind == "global":
+            end = start
+            self.buffer[layer, 0, :, begin:end].copy_(k)
+            self.buffer[layer, 1, :, begin:end].copy_(v)
+        else:
+            slot = self.chunks % shape.ring_slots
+            lo = start + slot * shape.chunk_tokens
+            self.buffer[layer, 0, :, lo:lo + shape.chunk_tokens].copy_(k)
+            self.buffer[layer, 1, :, lo:lo + shape.chunk_tokens].copy_(v)
+            end = start + min(self.chunks + 1, shape.ring_slots) * shape.chunk_tokens
+        return self.buffer[layer, 0, :, begin:end], self.buffer[layer, 1, :, begin:end]
+
+    def attended_tokens(self) -> int:
+        """How many keys the next chunk pass attends to (bounded by the cache size)."""
+        ring = min(self.chunks + 1, self.shape.ring_slots) * self.shape.chunk_tokens
+        return self.global_len + ring

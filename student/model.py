@@ -1,0 +1,255 @@
+"""CausalStudent: the next-shot teacher's Wan transformer run chunk-causally (ShotStream §4.2).
+
+Same weights and the same conditioning as `NextShotTeacher` (frame concat: clean context frames at
+t = 0 before the target, per-frame captions, shot positions), with two differences: the target's
+latent frames form chunks of `chunk_frames`, and attention is chunk-causal (the context prefix is
+visible to every chunk; chunk i sees chunks i - window + 1 .. i, window = local_chunks + 1 so that
+training sees exactly what the KV cache holds at inference, see student/cache.py).
+
+Shot boundary indicator (`indicator`, ShotStream Table 4):
+- rope_offset: frame t of shot k at temporal position t + k·θ (the teacher's "shot_rope");
+- learnable: positions t, and a learned vector (zero-initialised, so the student starts as the
+  teacher) added to the tokens of the target shot's first chunk when the shot follows a cut, i.e.
+  when there is context — the first shot of a stream has no boundary to mark;
+- none: positions t and nothing else (the teacher's "sequential").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kernels import chunk_causal_attention
+from teacher.backbone import Attention, KVProvider, TextKV, WanBackbone
+from teacher.context import STRATEGIES
+from teacher.rope import shot_positions
+
+INDICATORS = ("rope_offset", "learnable", "none")
+INDICATOR_FILE = "indicator.safetensors"
+_TEACHER_POSITIONS = {"rope_offset": "shot_rope", "learnable": "sequential", "none": "sequential"}
+
+
+@dataclass
+class StudentSettings:
+    """Everything besides the weights that defines what the student computes (saved with exports)."""
+
+    chunk_frames: int = 3
+    local_chunks: int = 7
+    context_frames: int = 6  # the global cache's size: the context budget
+    context_strategy: str = "dynamic"
+    indicator: str = "rope_offset"
+    theta: float = 1.0 / 6.0
+    captions: str = "multi"
+    denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
+    shift: float = 5.0
+
+    def check(self) -> "StudentSettings":
+        """Raise ValueError naming the first bad setting."""
+        if self.indicator not in INDICATORS:
+            raise ValueError(f"student indicator must be one of {list(INDICATORS)}; got {self.indicator!r}")
+        if self.context_strategy not in STRATEGIES:
+            raise ValueError(f"student context_strategy must be one of {list(STRATEGIES)}; "
+                             f"got {self.context_strategy!r}")
+        if self.captions not in ("multi", "target_only"):
+            raise ValueError(f"student captions must be 'multi' or 'target_only'; got {self.captions!r}")
+        for name in ("chunk_frames", "local_chunks", "context_frames"):
+            low = 1 if name == "chunk_frames" else 0
+            if int(getattr(self, name)) < low:
+                raise ValueError(f"student {name} must be >= {low}; got {getattr(self, name)}")
+        steps = [float(t) for t in self.denoising_steps]
+        if not steps or any(not 0 < t <= 1000 for t in steps) or steps != sorted(steps, reverse=True):
+            raise ValueError(f"student denoising_steps must be descending timesteps in (0, 1000]; got {steps}")
+        self.denoising_steps = steps
+        return self
+
+    @property
+    def window_chunks(self) -> int:
+        """Chunks a target chunk attends to (itself included), the full-sequence equivalent of the cache."""
+        return self.local_chunks + 1
+
+    @property
+    def position_theta(self) -> float:
+        return self.theta if self.indicator == "rope_offset" else 0.0
+
+
+class CausalStudent(nn.Module):
+    """Chunk-causal next-shot model over a diffusers `WanTransformer3DModel` (`self.transformer`)."""
+
+    def __init__(self, transformer: nn.Module, settings: StudentSettings | None = None,
+                 attention_backend: str = "auto") -> None:
+        super().__init__()
+        self.settings = (settings or StudentSettings()).check()
+        self.transformer = transformer
+        self.backbone = WanBackbone(transformer)
+        self.latent_channels = self.backbone.out_channels
+        if self.backbone.in_channels != self.latent_channels:
+            raise ValueError(f"the causal student needs frame concat: transformer in_channels "
+                             f"{self.backbone.in_channels} differ from out_channels {self.latent_channels}")
+        if self.settings.chunk_frames % self.backbone.patch_size[0]:
+            raise ValueError(f"chunk_frames {self.settings.chunk_frames} is not a multiple of the temporal "
+                             f"patch size {self.backbone.patch_size[0]}")
+        self.attention_backend = attention_backend
+        dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        param = next(transformer.parameters())
+        self.shot_indicator = nn.Parameter(torch.zeros(dim, dtype=param.dtype, device=param.device)) \
+            if self.settings.indicator == "learnable" else None
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_teacher(cls, teacher: nn.Module, chunk_frames: int = 3, copy: bool = True,
+                     **settings) -> "CausalStudent":
+        """A student with the teacher's weights (a deep copy unless copy=False) and conditioning."""
+        import copy as copying
+
+        if teacher.injection != "frame_concat":
+            raise ValueError(f"the causal student needs a frame_concat teacher; got injection {teacher.injection!r}")
+        indicator = settings.pop("indicator", None) or (
+            "rope_offset" if teacher.positions == "shot_rope" else "none")
+        if _TEACHER_POSITIONS.get(indicator, teacher.positions) != teacher.positions:
+            raise ValueError(f"student indicator {indicator!r} needs teacher positions "
+                             f"{_TEACHER_POSITIONS[indicator]!r}; the teacher uses {teacher.positions!r}")
+        chosen = StudentSettings(chunk_frames=chunk_frames, indicator=indicator, theta=teacher.theta,
+                                 captions=teacher.captions, **settings)
+        transformer = copying.deepcopy(teacher.transformer) if copy else teacher.transformer
+        return cls(transformer, chosen)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                        attention_backend: str = "auto") -> "CausalStudent":
+        """Load an export folder written by `student.export.export_student` (no DeepSpeed import)."""
+        from student.export import load_student
+
+        return load_student(folder, torch_dtype=torch_dtype, attention_backend=attention_backend)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in backward (the KV cache's keep_graph mode supports it)."""
+        self.backbone.gradient_checkpointing = enabled
+
+    # ---- shared pieces ------------------------------------------------------------------------
+    def check_frames(self, name: str, latents: torch.Tensor) -> None:
+        """Target latents must be [B, C, F, H, W] with F a whole number of chunks."""
+        if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"{name} {list(latents.shape)} must be [B, {self.latent_channels}, F, H, W] latents")
+        frames, chunk = latents.shape[2], self.settings.chunk_frames
+        if frames % chunk or frames == 0:
+            raise ValueError(f"{name} has {frames} latent frames, not a whole number of {chunk}-frame chunks "
+                             f"(chunk_frames)")
+
+    def frame_tokens(self, height: int, width: int) -> int:
+        """Tokens per latent frame of a [.., height, width] latent."""
+        _, ph, pw = self.backbone.patch_size
+        return (height // ph) * (width // pw)
+
+    def text_conditioning(self, text: torch.Tensor, context_text: torch.Tensor | None, context_frames: int,
+                          target_frames: int) -> tuple[TextKV, torch.Tensor | None]:
+        """Cross-attention K/V of the distinct texts and each frame's text index, as the teacher does:
+        context frames attend to their own shot's text ("multi"), target frames to `text`."""
+        if context_frames == 0 or self.settings.captions == "target_only":
+            return self.backbone.text_kv(text), None
+        if context_text is None:
+            raise ValueError("captions 'multi' needs context_text [B, Fc, L, D] when context is given")
+        stacked = torch.cat([context_text.to(text.dtype), text.unsqueeze(1)], dim=1)
+        # Shots share a text: one K/V per distinct text; compare bit patterns for exact equality.
+        flat = stacked.flatten(2)
+        bits = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        unique_bits, index = torch.unique(bits, dim=1, return_inverse=True)
+        groups = unique_bits.view(stacked.dtype).unflatten(2, stacked.shape[2:])
+        if groups.shape[1] == 1:
+            return self.backbone.text_kv(text), None
+        frame_text = torch.cat([index[:-1], index[-1:].expand(target_frames)]).to(text.device)
+        return self.backbone.text_kv(groups), frame_text.unsqueeze(0)
+
+    @staticmethod
+    def context_shot_index(batch: int, context_frames: int, context_text: torch.Tensor | None,
+                           context_shots: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """Shot index of every context frame [B, Fc] (explicit, or a new shot where the text changes)."""
+        if context_shots is not None:
+            if context_shots.ndim not in (1, 2) or context_shots.shape[-1] != context_frames:
+                raise ValueError(f"context_shots {list(context_shots.shape)} must be [Fc] or [B, Fc] with "
+                                 f"Fc = {context_frames}")
+            return context_shots.to(device, torch.long).expand(batch, context_frames)
+        if context_text is not None:
+            changed = (context_text[:, 1:] != context_text[:, :-1]).flatten(2).any(-1)
+            return torch.cat([changed.new_zeros(batch, 1), changed], dim=1).long().cumsum(1).to(device)
+        return torch.zeros(batch, context_frames, dtype=torch.long, device=device)
+
+    def run(self, latents: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor, text: TextKV,
+            frame_text: torch.Tensor | None, attn: Attention, kv: KVProvider | None = None,
+            marked: tuple[int, int] | None = None, out_frames: int = 0) -> torch.Tensor | None:
+        """One pass over latents [B, C, F, H, W] (timesteps [B, F], positions [F] or [B, F]); the
+        indicator is added to the latent frames [marked[0], marked[1]); returns the velocity of the
+        last `out_frames` frames (None for 0: a pass that only fills the cache)."""
+        backbone = self.backbone
+        grid = backbone.check_latents("latents", latents)
+        tokens = backbone.embed(latents)
+        if marked is not None and self.shot_indicator is not None:
+            a, b = (m // backbone.patch_size[0] * grid.per_frame for m in marked)
+            tokens = torch.cat([tokens[:, :a], tokens[:, a:b] + self.shot_indicator.to(tokens.dtype),
+                                tokens[:, b:]], dim=1)
+        cond = backbone.conditioning(timesteps, positions, grid, tokens.dtype)
+        tokens = backbone.run_blocks(tokens, grid, cond, text, frame_text, attn, kv)
+        if out_frames == 0:
+            return None
+        keep = out_frames // backbone.patch_size[0]
+        return backbone.head(tokens[:, -keep * grid.per_frame:], cond.temb[:, -keep:], grid.tail(keep))
+
+    # ---- full-sequence forward (training) -------------------------------------------------------
+    def forward(self, noisy: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                context: torch.Tensor | None = None, context_text: torch.Tensor | None = None,
+                context_shots: torch.Tensor | None = None, window_chunks: int | None | str = "cache"
+                ) -> torch.Tensor:
+        """Velocity of the target frames [B, C, F, H, W] under chunk-causal attention.
+
+        timestep [B] or [B, F] in [0, 1000] (per frame: each chunk its own noise level); text, context,
+        context_text, context_shots as `NextShotTeacher.forward`. window_chunks: "cache" (default)
+        uses `local_chunks + 1`, what the KV cache reproduces; None means no window.
+        """
+        self.check_frames("noisy", noisy)
+        batch, frames = noisy.shape[0], noisy.shape[2]
+        if timestep.ndim not in (1, 2) or timestep.shape[0] != batch or (
+                timestep.ndim == 2 and timestep.shape[1] != frames):
+            raise ValueError(f"timestep {list(timestep.shape)} must be [B] or [B, F] for noisy {list(noisy.shape)}")
+        timesteps = timestep.unsqueeze(1).expand(batch, frames) if timestep.ndim == 1 else timestep
+        fc = 0 if context is None else context.shape[2]
+        if context is not None:
+            self.backbone.check_latents("context", context)
+            if context.shape[:2] != noisy.shape[:2] or context.shape[3:] != noisy.shape[3:]:
+                raise ValueError(f"context {list(context.shape)} must share batch, channels, height and width "
+                                 f"with noisy {list(noisy.shape)}")
+            noisy = torch.cat([context.to(noisy.dtype), noisy], dim=2)
+            timesteps = torch.cat([timesteps.new_zeros(batch, fc), timesteps], dim=1)
+        shots = self.context_shot_index(batch, fc, context_text, context_shots, noisy.device)
+        target = (shots.max(dim=1, keepdim=True).values + 1) if fc else shots.new_zeros(batch, 1)
+        positions = shot_positions(torch.cat([shots, target.expand(batch, frames)], dim=1),
+                                   self.settings.position_theta)
+        text_kv, frame_text = self.text_conditioning(text, context_text, fc, frames)
+        window = self.settings.window_chunks if window_chunks == "cache" else window_chunks
+        frame_tokens = self.frame_tokens(noisy.shape[3], noisy.shape[4])
+        pt = self.backbone.patch_size[0]
+        attn = partial(chunk_causal_attention, prefix_len=fc // pt * frame_tokens,
+                       chunk_len=self.settings.chunk_frames // pt * frame_tokens, window_chunks=window,
+                       backend=self.attention_backend)
+        marked = (fc, fc + self.settings.chunk_frames) if fc else None
+        return self.run(noisy, timesteps, positions, text_kv, frame_text, attn, marked=marked, out_frames=frames)
+
+    # ---- export helpers -------------------------------------------------------------------------
+    def settings_dict(self) -> dict:
+        """The settings as plain JSON values."""
+        return json.loads(json.dumps(asdict(self.settings)))
+
+
+def settings_from_dict(values: dict, source: str | Path) -> StudentSettings:
+    """StudentSettings from saved values; unknown or missing keys name the file."""
+    known = set(StudentSettings.__dataclass_fields__)
+    unknown, missing = sorted(set(values) - known), sorted(known - set(values))
+    if unknown:
+        raise ValueError(f"{source}: unknown student settings {unknown}; valid: {sorted(known)}")
+    if missing:
+        raise ValueError(f"{source}: missing student settings {missing}")
+    return StudentSettings(**values).check()
