@@ -1,0 +1,40 @@
+"""Accuracy against a float64 ground truth, shared by the kernel tests and the GPU benchmark.
+
+FlashAttention's convention: a kernel is accurate when its error against the float64 reference
+is at most a few times the error of the same computation done by PyTorch in the kernel's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kernels.reference import reference_attention
+
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def outputs_and_grads(fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      dout: torch.Tensor, geometry: dict) -> dict[str, torch.Tensor]:
+    """{"out", "dq", "dk", "dv"} of `fn(q, k, v, **geometry)` backpropagating `dout`."""
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v, **geometry)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))
+    return dict(zip(NAMES, (out.detach(), dq, dk, dv)))
+
+
+def max_errors(fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               dout: torch.Tensor, geometry: dict) -> dict[str, float]:
+    """Max absolute error of fn's output and three gradients against the float64 reference."""
+    truth = outputs_and_grads(reference_attention, *(t.double() for t in (q, k, v, dout)), geometry)
+    got = outputs_and_grads(fn, q, k, v, dout, geometry)
+    return {name: (got[name].double() - truth[name]).abs().max().item() for name in NAMES}
+
+
+def accuracy_report(fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    dout: torch.Tensor, geometry: dict) -> dict[str, tuple[float, float]]:
+    """{name: (error of fn, error of the same-dtype PyTorch reference)}, both against float64."""
+    ours = max_errors(fn, q, k, v, dout, geometry)
+    torch_same_dtype = max_errors(reference_attention, q, k, v, dout, geometry)
+    return {name: (ours[name], torch_same_dtype[name]) for name in NAMES}
