@@ -54,6 +54,7 @@ class RunConfig:
     name: str = key(MISSING, "run folder name: outputs go to <out>/<name>/")
     out: str = key("runs", "parent folder of run folders (relative to the working directory)")
     seed: int = key(0, "global seed: model init, data order, noise; each rank offsets it by its rank")
+    dist_timeout: int = key(1800, "seconds a collective may wait: a dead rank fails the job, not hangs it")
 
 
 @dataclass
@@ -105,6 +106,182 @@ class LoggingConfig:
     progress: bool = key(True, "show a progress bar on rank 0")
 
 
+# --------------------------------------------------------------------------- data (distill/data)
+
+
+@dataclass
+class ContextConfig:
+    strategy: str = choice("dynamic", ("dynamic", "first", "first_last"),
+                           "which history frames condition a shot (teacher/context.py)")
+    budget: int = key(6, "dynamic strategy: context frames taken from the history shots")
+
+
+@dataclass
+class SynthConfig:
+    videos: int = key(16, "synthetic videos to render")
+    seed: int = key(0, "seed of the synthetic world (video i is a pure function of seed and i)")
+    height: int = key(64, "rendered frame height in pixels")
+    width: int = key(64, "rendered frame width in pixels")
+    fps: int = key(8, "frame rate of the rendered mp4 files")
+    min_shots: int = key(2, "fewest shots per video")
+    max_shots: int = key(5, "most shots per video")
+    min_frames: int = key(8, "fewest frames per shot")
+    max_frames: int = key(24, "most frames per shot")
+    max_cast: int = key(3, "most characters per video (1 to 3)")
+    speed: float = key(1.0, "character speed in pixels per frame at wide framing")
+
+
+@dataclass
+class DataConfig:
+    manifest: str = key("", "JSONL manifest of multi-shot videos; '' renders the synthetic world "
+                        "(data.synth) into <prepare folder>/world/ first")
+    prepared: str = key("", "folder of prepared shards; '' = <run.out>/<run.name>/prepare")
+    height: int = key(64, "frame height after resize + centre crop (Wan: 480)")
+    width: int = key(64, "frame width after resize + centre crop (Wan: 832)")
+    fps: float = key(8.0, "frame rate shots are resampled to (Wan: 16)")
+    shot_frames: int = key(12, "pixel frames per shot used in training, aligned to the codec "
+                           "(1 + 4k for Wan); longer shots keep their first frames, shorter are skipped")
+    records_per_shard: int = key(8, "manifest records per safetensors shard")
+    latent_dtype: str = choice("float32", ("float32", "bfloat16", "float16"),
+                               "dtype of latents and text embeddings stored in shards")
+    context: ContextConfig = section(ContextConfig, "context-frame sampling (teacher and student caches)")
+    synth: SynthConfig = section(SynthConfig, "the synthetic sprite world (`shotdistill data synth`)")
+
+
+@dataclass
+class CodecConfig:
+    kind: str = choice("patch", ("patch", "wan"), "patch: lossless space-to-depth (tiny world); "
+                       "wan: AutoencoderKLWan from codec.path")
+    path: str = key("", "wan: the VAE folder (or a Wan diffusers root holding vae/)")
+    patch: int = key(2, "patch: pixels per latent pixel along each side")
+    dtype: str = choice("float32", ("float32", "bfloat16"), "wan: compute dtype of the VAE")
+
+
+@dataclass
+class TextEncoderConfig:
+    kind: str = choice("tiny_t5", ("tiny_t5", "umt5"), "tiny_t5: random word-level UMT5 built from "
+                       "these keys; umt5: UMT5 encoder + tokenizer from text_encoder.path")
+    path: str = key("", "umt5: a folder holding text_encoder/ and tokenizer/ (a Wan diffusers root)")
+    max_tokens: int = key(32, "tokens per caption (Wan: 512); the model's text is global + shot, "
+                          "2 x max_tokens long, zero-padded")
+    dim: int = key(32, "tiny_t5: width d_model (= the transformer's text_dim)")
+    layers: int = key(2, "tiny_t5: encoder layers")
+    heads: int = key(2, "tiny_t5: attention heads")
+    seed: int = key(0, "tiny_t5: seed of its random weights (fixed so shards are reproducible)")
+    dtype: str = choice("float32", ("float32", "bfloat16"), "umt5: compute dtype of the encoder")
+
+
+# --------------------------------------------------------------------------- model and teacher
+
+
+@dataclass
+class ModelConfig:
+    path: str = key("", "a Wan2.1 diffusers root or its transformer/ folder; '' builds a random Wan "
+                    "from the keys below (in_channels from the codec, text_dim from the text encoder)")
+    patch_size: List[int] = key([1, 2, 2], "random Wan: (frames, height, width) latents per token")
+    heads: int = key(2, "random Wan: attention heads")
+    head_dim: int = key(32, "random Wan: width of one head (model width = heads x head_dim)")
+    ffn_dim: int = key(256, "random Wan: feed-forward hidden width")
+    layers: int = key(2, "random Wan: transformer blocks")
+    freq_dim: int = key(64, "random Wan: sinusoidal timestep embedding width")
+
+
+@dataclass
+class TeacherConfig:
+    injection: str = choice("frame_concat", ("frame_concat", "channel_concat"),
+                            "how context latents enter the teacher (teacher/model.py)")
+    captions: str = choice("multi", ("multi", "target_only"),
+                           "multi: context frames attend to their own shot text; target_only: all use the target's")
+    positions: str = choice("shot_rope", ("shot_rope", "sequential"),
+                            "shot_rope: frame t of shot k at temporal position t + k*theta")
+    theta: float = key(1.0 / 6.0, "shot RoPE offset per shot")
+    trainable: str = choice("self_attention", ("self_attention", "all"),
+                            "parameters trained: the blocks' self-attention only, or everything")
+    context_dropout: float = key(0.1, "probability a micro-batch trains without its context")
+    timestep_shift: float = key(1.0, "shift applied to the uniformly drawn training timesteps")
+    loss_buckets: int = key(4, "timestep strata; the loss of each is logged as teacher/loss_t<lo>-<hi>")
+    eval_samples: int = key(4, "next shots sampled at the end for the colour-consistency metric (0: none)")
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = key(50, "Euler steps of teacher sampling")
+    shift: float = key(5.0, "timestep shift of the sampling schedule")
+    guidance_scale: float = key(5.0, "classifier-free guidance scale (1: conditional only)")
+    negative_prompt: str = key("", "caption whose embedding is the unconditional branch of CFG")
+
+
+# --------------------------------------------------------------------------- student, ODE pairs, causal init
+
+
+@dataclass
+class StudentConfig:
+    chunk_frames: int = key(3, "latent frames per chunk the student denoises together (ShotStream: 3)")
+    local_chunks: int = key(7, "chunks of the current shot in the local KV cache; training attends to "
+                            "local_chunks + 1 chunks, what the cache holds at inference")
+    indicator: str = choice("auto", ("auto", "rope_offset", "learnable", "none"),
+                            "shot-boundary indicator (student/model.py); auto follows teacher.positions")
+    denoising_steps: List[float] = key([1000.0, 750.0, 500.0, 250.0],
+                                       "the student's few-step timesteps, before the shift")
+    shift: float = key(5.0, "shift warping student.denoising_steps (1000, 750, 500, 250 -> 1000, "
+                        "937.5, 833.3, 625 at 5)")
+
+
+@dataclass
+class OdeConfig:
+    pairs: int = key(5000, "teacher trajectories to sample (ShotStream: 5k); pair i is a pure function "
+                     "of (run.seed, i)")
+    pairs_per_shard: int = key(16, "pairs per safetensors shard: the unit of work split over ranks and of resume")
+    steps: int = key(50, "Euler steps of the teacher's sampler")
+    shift: float = key(8.0, "timestep shift of the sampling schedule (public ODE-pair code: 8)")
+    guidance_scale: float = key(5.0, "ordinary CFG scale against sampler.negative_prompt (1: conditional only)")
+    dtype: str = choice("bfloat16", ("bfloat16", "float16", "float32"), "dtype of the tensors stored in shards")
+
+
+@dataclass
+class CausalInitConfig:
+    eval_pairs: int = key(8, "ODE pairs the student samples (4-step, cached) before and after training; "
+                          "their mean squared distance to the teacher's end points is reported (0: none)")
+
+
+# --------------------------------------------------------------------------- DMD (Self Forcing)
+
+
+@dataclass
+class DMDConfig:
+    generator_from: str = key("causal-init", "folder (in this run, listed in `needs:`) whose student/ export "
+                              "starts the generator: causal-init for stage 1, dmd-intra for stage 2")
+    teacher_from: str = key("teacher", "folder (listed in `needs:`) whose model/ is the real score and the "
+                            "critic's starting point")
+    generator_every: int = key(5, "update the generator on steps where step % N == 0 (critic: every step); "
+                               "train.steps counts critic steps")
+    guidance: float = key(3.0, "real-score guidance in the DMD2 convention cond + g*(cond - uncond): "
+                          "0 = conditional only, 3 = ordinary CFG scale 4; uncond = sampler.negative_prompt")
+    timestep_shift: float = key(5.0, "shift applied to the uniform DMD / critic timesteps")
+    min_t: float = key(20.0, "DMD / critic timesteps are clamped to [min_t, max_t]")
+    max_t: float = key(980.0, "upper clamp of DMD / critic timesteps")
+    ema_decay: float = key(0.0, "generator EMA decay (0: off); the EMA weights are what gets exported")
+    ema_start: int = key(200, "step at which the EMA is initialised from the generator")
+    shots: int = key(5, "dmd_inter: shots per caption-only rollout (records with fewer are skipped)")
+    context_from: str = choice("reencode", ("reencode", "latents"),
+                               "dmd_inter: global cache frames from generated shots decoded and re-encoded one "
+                               "frame at a time (as the teacher saw context), or latent frames taken directly")
+    score_context: str = choice("generated", ("generated", "ground_truth"),
+                                "context the real score and critic see: the generator's own (generated "
+                                "history in dmd_inter) or the record's ground-truth history frames")
+    sample_every: int = key(0, "write a sample rollout as an animated GIF image summary every N steps (0: never)")
+    eval_videos: int = key(4, "multi-shot prompts rolled out by the student (before/after) and by the "
+                           "teacher for the colour-consistency metric (0: none)")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = key(0, "LoRA rank on the generator and critic (peft); 0 trains full weights")
+    alpha: float = key(16.0, "LoRA alpha (scale alpha / rank)")
+    targets: List[str] = key(["to_q", "to_k", "to_v", "to_out.0"],
+                             "module names (suffixes) that get LoRA adapters: Wan attention projections")
+
+
 # --------------------------------------------------------------------------- the recipe
 
 
@@ -121,6 +298,18 @@ class Recipe:
     optim: OptimSection = section(OptimSection, "one optimizer per trained model")
     deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "DeepSpeed engines (the JSON is derived from it)")
     logging: LoggingConfig = section(LoggingConfig, "TensorBoard and progress output")
+    data: DataConfig = section(DataConfig, "videos, preparation, datasets and context frames")
+    codec: CodecConfig = section(CodecConfig, "pixels <-> latents (teacher/encoders.py)")
+    text_encoder: TextEncoderConfig = section(TextEncoderConfig, "captions -> token embeddings")
+    model: ModelConfig = section(ModelConfig, "the Wan transformer every model starts from (distill/models.py)")
+    teacher: TeacherConfig = section(TeacherConfig, "next-shot teacher training (distill/stages/teacher.py)")
+    sampler: SamplerConfig = section(SamplerConfig, "teacher sampling (evaluation; ODE pairs read its negative_prompt)")
+    student: StudentConfig = section(StudentConfig, "the causal student (ODE pairs, causal init, DMD)")
+    ode: OdeConfig = section(OdeConfig, "teacher ODE trajectories for the causal init (distill/stages/ode_pairs.py)")
+    causal_init: CausalInitConfig = section(CausalInitConfig, "regression of the student on ODE pairs "
+                                            "(distill/stages/causal_init.py)")
+    dmd: DMDConfig = section(DMDConfig, "Self Forcing DMD, stages dmd_intra / dmd_inter (distill/stages/dmd.py)")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapters of the DMD generator and critic (dmd_inter)")
 
 
 # --------------------------------------------------------------------------- loading
@@ -184,6 +373,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
     cfg = schema()
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
+        _mark_missing(cfg, data)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_one_line(e)}") from None
     for item in overrides:
@@ -196,6 +386,16 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
     validate(cfg, source=str(path))
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _mark_missing(cfg: DictConfig, data: dict, prefix: str = "") -> None:
+    """Re-apply the recipe's '???' values: a merge keeps the schema default where the source is
+    missing, which would silently turn a recipe's mandatory key into the default."""
+    for k, v in data.items():
+        if isinstance(v, dict):
+            _mark_missing(cfg, v, f"{prefix}{k}.")
+        elif v == MISSING:
+            OmegaConf.update(cfg, f"{prefix}{k}", MISSING, merge=False)
 
 
 def validate(cfg: DictConfig, source: str = "recipe") -> None:

@@ -55,10 +55,51 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", nargs="?", help="recipe to resolve and print")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--docs", action="store_true", help="print every key with its default and doc")
+    p.add_argument("--stages", action="store_true", help="print the registered stage names")
     p.set_defaults(handler="launch.commands:config")
 
 
-SUBCOMMANDS = [_add_run, _add_launch, _add_slurm, _add_config]
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="make data: the synthetic world, latent shards")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    s = data.add_parser("synth", help="render the synthetic multi-shot world as mp4 files + manifest")
+    s.add_argument("--out", required=True, help="folder for the videos, facts and manifest.jsonl")
+    s.add_argument("--videos", type=int, help="number of videos (data.synth.videos)")
+    s.add_argument("--seed", type=int, help="world seed (data.synth.seed)")
+    s.add_argument("--recipe", help="recipe whose data.synth keys apply (default: tiny prepare)")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(handler="launch.data:synth")
+    r = data.add_parser("prepare", help="decode, encode and shard the videos of a manifest")
+    r.add_argument("manifest", help="manifest.jsonl (paths relative to it)")
+    r.add_argument("--out", required=True, help="folder of the shards, index.json and report.json")
+    r.add_argument("--recipe", help="recipe whose data/codec/text_encoder keys apply (default: tiny)")
+    r.add_argument("overrides", nargs="*", metavar="key=value")
+    r.set_defaults(handler="launch.data:prepare")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run's newest finished student for serving")
+    p.add_argument("source", metavar="RUN_DIR", help="run folder (or one student stage's folder)")
+    p.add_argument("--out", required=True, help="export folder (transformer/, components, generator.json)")
+    p.set_defaults(handler="launch.serve:export")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a multi-shot video from an export, shot by shot")
+    p.add_argument("export", metavar="EXPORT_DIR", help="folder written by `shotdistill export`")
+    p.add_argument("--shot", action="append", metavar="TEXT", help="a shot's prompt (repeat, in order)")
+    p.add_argument("--shots", metavar="FILE", help="a file of shot prompts, one per line")
+    p.add_argument("--interactive", action="store_true",
+                   help="after the given shots, read each next prompt from stdin (empty line ends)")
+    p.add_argument("--out", required=True, help="mp4 file to write")
+    p.add_argument("--frames", type=int, help="frames per shot (default: the export's training shot length)")
+    p.add_argument("--global-prompt", default="", help="caption of the whole video, joined to every shot's")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generation noise")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.set_defaults(handler="launch.serve:generate")
+
+
+SUBCOMMANDS = [_add_run, _add_launch, _add_slurm, _add_config, _add_data, _add_export, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(e: BaseException) -> str:
+    """The first line of an error; unexpected exception types keep their name for context."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, (ValueError, OSError, RuntimeError)) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may also follow the options (`launch R --nproc 2 train.steps=5`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         code = _handler(args.handler)(args)
     except KeyboardInterrupt:
@@ -82,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place that turns failures into one line
         if os.environ.get("SHOTDISTILL_DEBUG"):
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"shotdistill: error: {message}", file=sys.stderr)
+        print(f"shotdistill: error: {one_line(e)}", file=sys.stderr)
         return 1
     return int(code or 0)
 

@@ -1,0 +1,145 @@
+"""Run a recipe: load and validate the whole recipe tree, then run stages in dependency order.
+
+A recipe runs one stage, or (`stage: pipeline`) the recipes listed in `pipeline:` in order. A
+recipe's `needs:` are run first when their stage folder has no `DONE`. Every recipe of the tree is
+loaded and validated before anything computes.
+
+Overrides: the command line's `key=value` overrides apply to every recipe of the tree (so
+`train.steps=2` shrinks a whole pipeline), and every needed or pipelined recipe inherits
+`run.name` and `run.out` from the invoked recipe, so the whole tree writes into one run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from distill.config import ConfigError, load_recipe, to_yaml
+
+DONE = "DONE"
+
+
+@dataclass
+class Node:
+    """One loaded recipe: a stage (cls, folder) or a pipeline (steps), with its needs."""
+
+    path: Path
+    cfg: DictConfig
+    cls: type | None = None
+    folder: str | None = None
+    needs: list["Node"] = field(default_factory=list)
+    steps: list["Node"] = field(default_factory=list)
+
+
+def plan(path: str | Path, overrides: list[str], top: DictConfig | None = None,
+         _seen: tuple = ()) -> Node:
+    """Load and validate `path` and, recursively, everything it needs or pipelines."""
+    from distill.stages import folder_name, resolve
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: recipe needs itself (via {' -> '.join(p.name for p in _seen)})")
+    inherited = [] if top is None else [f"run.name={top.run.name}", f"run.out={top.run.out}"]
+    cfg = load_recipe(path, list(overrides) + inherited)
+    top = top if top is not None else cfg
+    node = Node(path=path, cfg=cfg)
+    sub = lambda rel: plan(path.parent / rel, overrides, top, _seen + (path,))  # noqa: E731
+    node.needs = [sub(rel) for rel in cfg.needs]
+    if cfg.stage == "pipeline":
+        if not cfg.pipeline:
+            raise ConfigError(f"{path}: stage 'pipeline' needs a non-empty 'pipeline' list")
+        node.steps = [sub(rel) for rel in cfg.pipeline]
+        return node
+    if cfg.pipeline:
+        raise ConfigError(f"{path}: 'pipeline' is only read when stage is 'pipeline'")
+    try:
+        node.cls = resolve(cfg.stage)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    node.folder = folder_name(cfg.stage, node.cls)
+    check = getattr(node.cls, "check", None)
+    if check is not None:
+        check(cfg)  # a stage's own validation, still before any compute
+    return node
+
+
+def _done(stage_dir: Path) -> dict | None:
+    marker = stage_dir / DONE
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+class Runner:
+    """Executes a planned tree on this process's share of the job."""
+
+    def __init__(self, root: Node, env):
+        from distill.distributed import barrier
+        self.root, self.env, self.barrier = root, env, barrier
+        self.run_dir = Path(root.cfg.run.out) / root.cfg.run.name
+        self.summary: dict[str, dict] = {}
+
+    def _write(self, path: Path, text: str) -> None:
+        from distill.checkpoint import write_atomic
+        if self.env.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, text)
+
+    def execute(self, node: Node) -> None:
+        for need in node.needs:
+            if need.folder is None or _done(self.run_dir / need.folder) is None:
+                self.execute(need)
+        for step in node.steps:
+            self.execute(step)
+        if node.cls is not None:
+            self._stage(node)
+
+    def _stage(self, node: Node) -> None:
+        from distill.checkpoint import seed_all
+        from distill.stages.base import StageContext
+        stage_dir = self.run_dir / node.folder
+        finished = _done(stage_dir)
+        if finished is not None:
+            self.summary[node.folder] = {**finished, "status": "done earlier"}
+            return
+        self._write(stage_dir / "config.yaml", to_yaml(node.cfg))
+        self.barrier()
+        ctx = StageContext(run_dir=self.run_dir, stage_dir=stage_dir,
+                           tb_dir=self.run_dir / "tb" / node.folder, env=self.env,
+                           recipe=node.path,
+                           needs={n.folder: self.run_dir / n.folder for n in node.needs if n.folder})
+        seed_all(node.cfg.run.seed)  # model init must match on every rank
+        t0 = time.perf_counter()
+        metrics = node.cls(node.cfg, ctx).run()
+        record = {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 3)}
+        self.barrier()
+        self._write(stage_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        self._write(stage_dir / DONE, json.dumps(record, indent=2) + "\n")  # last: marks finished
+        self.barrier()
+        self.summary[node.folder] = {**record, "status": "ran"}
+
+
+def format_summary(summary: dict[str, dict]) -> str:
+    """One line per stage: folder, status, wall time, final metrics."""
+    lines = []
+    for folder, rec in summary.items():
+        metrics = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in rec.get("metrics", {}).items())
+        lines.append(f"{folder:<16} {rec['status']:<12} {rec.get('wall_s', 0):>9.1f}s  {metrics}")
+    return "\n".join(lines)
+
+
+def run_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, dict]:
+    """Validate the recipe tree, join the process group, write config.yaml, run; return the
+    per-stage summary (also printed on rank 0)."""
+    from distill.distributed import init_distributed
+    root = plan(path, list(overrides))
+    env = init_distributed(root.cfg.run.dist_timeout)
+    runner = Runner(root, env)
+    runner._write(runner.run_dir / "config.yaml", to_yaml(root.cfg))
+    runner.barrier()
+    runner.execute(root)
+    if env.is_main:
+        print(format_summary(runner.summary), flush=True)
+    return runner.summary

@@ -1,0 +1,342 @@
+"""The training loop every stage shares: one DeepSpeed engine per trained model, any number of them.
+
+A stage hands the trainer its trained models (`TrainedModel`: name, module, update every N steps),
+a resumable data source and a step function that returns the losses of the models due this step.
+The trainer owns everything else: backward and gradient accumulation, the non-finite check (agreed
+across ranks before anything steps), clipping and warmup, our single step counter, TensorBoard,
+checkpoints, preemption signals and resume.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from omegaconf import DictConfig
+
+from distill import checkpoint
+from distill.deepspeed_config import deepspeed_config
+from distill.distributed import all_sum, barrier, broadcast_object, prepare_deepspeed
+from distill.logging import StageLogger
+
+
+@dataclass
+class TrainedModel:
+    """A model the stage trains: `name` selects `optim.<name>` and names its engine and tags."""
+
+    name: str
+    module: torch.nn.Module
+    every: int = 1  # updated on trainer steps where step % every == 0 (0-based step)
+    # called with our step counter after each applied update of this model (e.g. an EMA)
+    after_update: Callable[[int], None] | None = None
+
+
+class DataSource(Protocol):
+    """What the trainer draws micro-batches from; the data helper's datasets follow it.
+
+    `next(source)` returns one micro-batch for this rank. Its order is a pure function of
+    (seed, epoch, rank, world size), and `state_dict()` captures the position so that
+    `load_state_dict()` continues exactly where the checkpoint left off.
+    """
+
+    def __next__(self) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# step_fn(batch, due model names, step) -> {model name: scalar loss for every due model,
+# any other name: a scalar to log}. Losses of different models must not share an autograd graph,
+# and every rank must return the same names (they are summed over ranks in one collective).
+StepFn = Callable[[Any, frozenset, int], dict[str, torch.Tensor]]
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived: a checkpoint was saved and the run stops cleanly."""
+
+
+class TooManyBadSteps(RuntimeError):
+    """`train.max_bad_steps` non-finite steps in a row."""
+
+
+class Warmup:
+    """Linear warmup to the peak lr, counted in this model's applied updates (checkpointed)."""
+
+    def __init__(self, peak: float, warmup: int):
+        self.peak, self.warmup, self.updates = peak, warmup, 0
+
+    def lr(self) -> float:
+        if self.warmup <= 0:
+            return self.peak
+        return self.peak * min(1.0, (self.updates + 1) / self.warmup)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
+
+
+def _client_optimizer(module: torch.nn.Module, optim: DictConfig, offload: bool):
+    """AdamW built by us; DeepSpeed's CPU Adam (a JIT-compiled op) only when states live on CPU."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                  weight_decay=optim.weight_decay)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def build_engine(model: TrainedModel, cfg: DictConfig, stage_dir: Path, env) -> Any:
+    """One DeepSpeed engine for `model`; its derived JSON goes to `<stage>/deepspeed.<name>.json`."""
+    import deepspeed
+    prepare_deepspeed(env.cuda)
+    if model.name not in cfg.optim:
+        raise ValueError(f"model '{model.name}' has no optimizer section optim.{model.name}")
+    ds_cfg = deepspeed_config(cfg, model.name, env.world_size, env.cuda)
+    if env.is_main:
+        import json
+        checkpoint.write_atomic(Path(stage_dir) / f"deepspeed.{model.name}.json",
+                                json.dumps(ds_cfg, indent=2) + "\n")
+    module = model.module.to(env.device)
+    optimizer = _client_optimizer(module, cfg.optim[model.name], cfg.deepspeed.offload_optimizer)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
+    return engine
+
+
+def place_frozen(module: torch.nn.Module, cfg: DictConfig, env) -> Any:
+    """A frozen model (teacher, real score) ready for forward: a plain module on the device in the
+    training dtype, or, with `deepspeed.frozen_zero3`, a ZeRO-3 partitioned engine (no optimizer)."""
+    module.requires_grad_(False).eval()
+    ds = cfg.deepspeed
+    if not ds.frozen_zero3:
+        return module.to(env.device, env.dtype(ds.bf16))
+    import deepspeed
+    prepare_deepspeed(env.cuda)
+    config = {"train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+              "zero_optimization": {
+                  "stage": 3, "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
+                  "stage3_param_persistence_threshold": ds.param_persistence_threshold},
+              "bf16": {"enabled": bool(ds.bf16 and env.cuda)}}
+    engine, *_ = deepspeed.initialize(model=module.to(env.device), config=config)
+    engine.eval()
+    return engine
+
+
+class _StopSignals:
+    """Remember SIGTERM/SIGUSR1 (cluster preemption) until the step ends; restore on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __enter__(self):
+        self.received: int | None = None
+        self.previous = {s: signal.signal(s, self._on) for s in self.SIGNALS}
+        return self
+
+    def _on(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Trainer:
+    """Train `models` with `step_fn` on `data` for `train.steps` steps of ours.
+
+    `trainer.engines[name]` is the DeepSpeed engine of each model: call it (not the bare module)
+    in the step function, so ZeRO-3 can gather parameters and bf16 applies.
+    """
+
+    def __init__(self, cfg: DictConfig, ctx, models: list[TrainedModel], data: DataSource,
+                 step_fn: StepFn, extra_state: dict[str, Any] | None = None):
+        names = [m.name for m in models]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"trained models need distinct names, got {names}")
+        self.cfg, self.ctx, self.env = cfg, ctx, ctx.env
+        self.models, self.data, self.step_fn = models, data, step_fn
+        # a stage's own resumable objects (state_dict/load_state_dict), kept in each rank's state
+        self.extra_state = dict(extra_state or {})
+        self.engines = {m.name: build_engine(m, cfg, ctx.stage_dir, self.env) for m in models}
+        self.warmup = {m.name: Warmup(cfg.optim[m.name].lr, cfg.optim[m.name].warmup)
+                       for m in models}
+        self.step = 0  # our one step counter (each engine keeps its own, which we ignore)
+        self.bad_total = 0
+        self.bad_streak = 0
+        self.last: dict[str, float] = {}
+        self.ckpt_root = Path(ctx.stage_dir) / "checkpoints"
+        # Models are built alike on every rank (runner seeded run.seed); noise differs per rank.
+        checkpoint.seed_all(cfg.run.seed + self.env.rank)
+
+    # ------------------------------------------------------------------ state
+
+    def _client_state(self) -> dict:
+        return {"step": self.step, "bad_total": self.bad_total, "bad_streak": self.bad_streak,
+                "last": dict(self.last), "data": self.data.state_dict(),
+                "warmup": {n: w.state_dict() for n, w in self.warmup.items()},
+                "extra": {n: obj.state_dict() for n, obj in self.extra_state.items()}}
+
+    def save(self) -> Path:
+        folder = checkpoint.step_dir(self.ckpt_root, self.step)
+        checkpoint.save(folder, self.engines, self._client_state(), self.env)
+        if self.env.is_main:
+            checkpoint.prune(self.ckpt_root, self.cfg.train.keep_checkpoints)
+        barrier()
+        return folder
+
+    def resume(self) -> int:
+        """Restore the checkpoint `resume` selects (if any); return the step training starts at."""
+        folder = None
+        if self.env.is_main:
+            folder = checkpoint.resolve_resume(self.cfg.resume, self.ckpt_root)
+            if folder is None and self.ckpt_root.exists():
+                shutil.rmtree(self.ckpt_root)  # starting fresh: older checkpoints are stale
+        folder = broadcast_object(None if folder is None else str(folder))
+        if folder is None:
+            return 0
+        state = checkpoint.load(Path(folder), self.engines, self.env)
+        self.step, self.bad_total = state["step"], state["bad_total"]
+        self.bad_streak, self.last = state["bad_streak"], state["last"]
+        self.data.load_state_dict(state["data"])
+        for name, w in self.warmup.items():
+            w.load_state_dict(state["warmup"][name])
+        for name, obj in self.extra_state.items():
+            obj.load_state_dict(state["extra"][name])
+        if self.env.is_main:
+            checkpoint.prune(self.ckpt_root, self.cfg.train.keep_checkpoints,
+                             resumed_from=self.step)
+        barrier()
+        return self.step
+
+    # ------------------------------------------------------------------ one step
+
+    def _due(self) -> list[str]:
+        return [m.name for m in self.models if self.step % m.every == 0]
+
+    def _micro_step(self, due: list[str], boundary: bool, bad: bool) -> tuple[dict, bool]:
+        """Forward + backward of one micro-batch; return rank-averaged scalars and the bad flag."""
+        out = self.step_fn(next(self.data), frozenset(due), self.step)
+        missing = [n for n in due if n not in out]
+        if missing:
+            raise ValueError(f"step function returned no loss for {', '.join(missing)} "
+                             f"at step {self.step}")
+        names = due + sorted(k for k in out if k not in due)
+        local = torch.stack([torch.as_tensor(out[n], device=self.env.device).detach().float()
+                             .reshape(()) for n in names])
+        nonfinite = (~torch.isfinite(local[:len(due)])).sum().float().reshape(1)
+        # One collective per micro-batch: the losses to log and whether any rank saw a NaN/inf.
+        stats = all_sum(torch.cat([local, nonfinite]))
+        bad = bad or stats[-1].item() > 0
+        for name in due:
+            engine = self.engines[name]
+            engine.set_gradient_accumulation_boundary(boundary)
+            # Every rank agreed the step is bad: NaN gradients everywhere route it through
+            # DeepSpeed's own overflow path, the one that discards partitioned accumulated grads.
+            engine.backward(out[name] * math.nan if bad else out[name])
+        means = {n: v.item() / self.env.world_size for n, v in zip(names, stats[:-1])}
+        return means, bad
+
+    def _update(self, name: str, bad: bool) -> tuple[float, float, bool]:
+        """Step one engine at the accumulation boundary; return (grad norm, lr, applied)."""
+        engine = self.engines[name]
+        lr = self.warmup[name].lr()
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        if engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled():
+            # Plain fp32 DeepSpeed never checks gradients: check the (already reduced) norm here.
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            applied = not bad and math.isfinite(norm)
+            engine.step() if applied else engine.zero_grad()
+        else:
+            engine.step()  # ZeRO / bf16 discard a step whose gradient norm is not finite
+            reported = engine.get_global_grad_norm()
+            norm = float("nan") if reported is None else float(reported)
+            applied = (not bad and engine.was_step_applied()
+                       and (reported is None or math.isfinite(norm)))
+        if applied:
+            self.warmup[name].updates += 1
+        return norm, lr, applied
+
+    def train_step(self) -> dict[str, float]:
+        """One step of ours: grad_accum micro-batches for every due model, then their updates."""
+        due, loss_bad, sums = self._due(), False, {}
+        accum = self.cfg.train.grad_accum
+        for micro in range(accum):
+            means, loss_bad = self._micro_step(due, micro == accum - 1, loss_bad)
+            for k, v in means.items():
+                sums[k] = sums.get(k, 0.0) + v / accum
+        record, bad = {}, loss_bad
+        for name in due:
+            # A bad loss skips every engine; a bad gradient norm skips only its own engine.
+            norm, lr, applied = self._update(name, loss_bad)
+            bad = bad or not applied
+            hook = next(m.after_update for m in self.models if m.name == name)
+            if applied and hook is not None:
+                hook(self.step)
+            record.update({f"{name}/loss": sums.pop(name), f"{name}/grad_norm": norm,
+                           f"{name}/lr": lr})
+        record.update(sums)
+        return {**record, "bad": float(bad)}
+
+    # ------------------------------------------------------------------ the loop
+
+    def _count(self, bad: bool) -> None:
+        self.bad_total += int(bad)
+        self.bad_streak = self.bad_streak + 1 if bad else 0
+
+    def _check_streak(self) -> None:
+        if self.bad_streak >= self.cfg.train.max_bad_steps:
+            done = checkpoint.committed(self.ckpt_root)
+            last = done[-1][1] if done else "none"
+            raise TooManyBadSteps(
+                f"{self.bad_streak} non-finite steps in a row (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}) at step {self.step}; last committed "
+                f"checkpoint: {last}")
+
+    def _stop_requested(self, signals: _StopSignals) -> bool:
+        """Every rank learns whether any rank was signalled, so all of them stop together."""
+        flag = torch.tensor([float(signals.received is not None)], device=self.env.device)
+        return all_sum(flag).item() > 0
+
+    def fit(self) -> dict[str, float]:
+        """Train to `train.steps` (resuming first); return the final metrics."""
+        train, log_cfg = self.cfg.train, self.cfg.logging
+        start = self.resume()
+        stage = Path(self.ctx.stage_dir).name
+        log = StageLogger(self.ctx.tb_dir, stage, main=self.env.is_main,
+                          tensorboard=log_cfg.tensorboard, progress=log_cfg.progress,
+                          total_steps=train.steps, start_step=start)
+        samples = train.micro_batch * train.grad_accum * self.env.world_size
+        try:
+            with _StopSignals() as signals:
+                while self.step < train.steps:
+                    t0 = time.perf_counter()
+                    record = self.train_step()
+                    bad = record.pop("bad") > 0
+                    self.step += 1
+                    self._count(bad)
+                    seconds = time.perf_counter() - t0
+                    self.last.update({k: v for k, v in record.items() if math.isfinite(v)})
+                    if bad or self.step % log_cfg.every == 0:
+                        log.scalars(self.step, {**record, "bad_steps": self.bad_total,
+                                                "step_time": seconds,
+                                                "samples_per_s": samples / seconds})
+                    log.advance({k: v for k, v in record.items() if k.endswith("/loss")})
+                    self._check_streak()
+                    stop = self._stop_requested(signals)
+                    if stop or self.step % train.checkpoint_every == 0 or self.step == train.steps:
+                        log.flush()
+                        self.save()
+                    if stop:
+                        raise Preempted(f"stopped by signal at step {self.step}; checkpoint "
+                                        "saved, resume=auto continues from it")
+        finally:
+            log.close()
+        return {**self.last, "steps": float(self.step), "bad_steps": float(self.bad_total)}

@@ -1,0 +1,83 @@
+"""`shotdistill slurm`: write an sbatch script (srun starts one torchrun per node) and print its path.
+
+torchrun rendezvous is c10d on the job's first node. Each job gets its own run folder
+(`<run.name>-job<SLURM_JOB_ID>`); a requeued job keeps its id, so it resumes in that folder.
+Preemption: SLURM sends USR1 to the batch shell `PREEMPT_GRACE_S` before the time limit; the
+shell forwards SIGTERM to srun (torchrun passes it to the workers, which checkpoint and stop) and
+requeues the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+PREEMPT_GRACE_S = 300
+RDZV_PORT_BASE = 29500
+
+
+def _directives(args: argparse.Namespace, name: str, log_dir: Path) -> list[str]:
+    lines = [f"--job-name={name}", f"--nodes={args.nodes}", "--ntasks-per-node=1",
+             f"--gpus-per-node={args.gpus_per_node}", f"--output={log_dir}/slurm-%j.out",
+             f"--signal=B:USR1@{PREEMPT_GRACE_S}", "--requeue"]
+    for flag, value in (("partition", args.partition), ("time", args.time),
+                        ("account", args.account)):
+        if value:
+            lines.append(f"--{flag}={value}")
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def render(args: argparse.Namespace, name: str, out: str, log_dir: Path) -> str:
+    """The sbatch script text for the validated recipe `args.recipe`."""
+    recipe = shlex.quote(str(Path(args.recipe).resolve()))
+    overrides = " ".join(shlex.quote(o) for o in args.overrides)
+    run_name = shlex.quote(f"run.name={name}-job") + '"${SLURM_JOB_ID}"'
+    torchrun = (f"{shlex.quote(sys.executable)} -m torch.distributed.run "
+                f"--nnodes={args.nodes} --nproc_per_node={args.gpus_per_node} "
+                '--rdzv_id="${SLURM_JOB_ID}" --rdzv_backend=c10d '
+                '--rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}" '
+                f"-m launch.cli run {recipe} {overrides} {run_name} "
+                f"{shlex.quote('run.out=' + out)}")
+    return "\n".join([
+        "#!/bin/bash",
+        *_directives(args, name, log_dir),
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(Path.cwd()))}",
+        'MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"',
+        f'MASTER_PORT="$(( {RDZV_PORT_BASE} + SLURM_JOB_ID % 10000 ))"',
+        "export MASTER_ADDR MASTER_PORT",
+        "# A hung collective fails the job instead of idling the allocation.",
+        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}",
+        "preempted() {",
+        '  echo "shotdistill: preemption signal, checkpointing and requeueing" >&2',
+        '  kill -TERM "${SRUN_PID}" 2>/dev/null || true',
+        '  wait "${SRUN_PID}" || true',
+        '  scontrol requeue "${SLURM_JOB_ID}"',
+        "}",
+        "trap preempted USR1",
+        f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 {torchrun} &",
+        "SRUN_PID=$!",
+        'wait "${SRUN_PID}"',
+        "",
+    ])
+
+
+def write_script(args: argparse.Namespace) -> int:
+    """Validate the recipe, write the script (atomically) and print its path."""
+    from distill.checkpoint import write_atomic
+    from distill.runner import plan
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise ValueError(f"slurm: --nodes and --gpus-per-node must be >= 1 "
+                         f"(got {args.nodes}, {args.gpus_per_node})")
+    cfg = plan(args.recipe, list(args.overrides)).cfg
+    out = str(Path(cfg.run.out).resolve())
+    log_dir = Path(out)
+    path = Path(args.out) if args.out else Path(out) / cfg.run.name / "sbatch.sh"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, render(args, cfg.run.name, out, log_dir))
+    path.chmod(0o755)
+    print(path)
+    return 0
