@@ -240,8 +240,9 @@ class OdeConfig:
 
 @dataclass
 class CausalInitConfig:
-    eval_pairs: int = key(8, "ODE pairs the student samples (4-step, cached) before and after training; "
-                          "their mean squared distance to the teacher's end points is reported (0: none)")
+    eval_pairs: int = key(8, "ODE pairs the student samples (cached steps, re-noised with the pair's own "
+                          "noise) before and after training; the mean squared distance to the teacher's end "
+                          "points is reported (0: none)")
 
 
 # --------------------------------------------------------------------------- DMD (Self Forcing)
@@ -293,6 +294,8 @@ class Recipe:
                       "each is run first when its output is missing")
     pipeline: List[str] = key([], "stage: pipeline — recipes (relative to this one) run in order")
     resume: str = key("auto", "auto (newest committed checkpoint) | never | a checkpoint folder path")
+    overrides: List[str] = key([], "key=value overrides applied to this recipe and to every recipe it needs "
+                               "or pipelines (an ablation changing upstream stages); the command line's win")
     run: RunConfig = section(RunConfig, "run identity and seed")
     train: TrainConfig = section(TrainConfig, "training loop of the stage")
     optim: OptimSection = section(OptimSection, "one optimizer per trained model")

@@ -1,0 +1,66 @@
+"""Recipe sections → the data components (codec, text encoder, synth settings, prepared folder).
+
+The one place that reads `codec.*`, `text_encoder.*` and `data.synth.*`, so that `teacher/` keeps
+taking explicit arguments and every consumer resolves the prepared folder the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from distill.data.datasets import PromptDataset, ShotDataset
+from distill.data.stream import DataStream
+from distill.data.synth import SynthSettings
+from distill.data.world import grammar_texts
+from teacher.encoders import (Codec, PatchCodec, T5TextEncoder, WanVAECodec, build_tiny_t5,
+                              vocabulary_of)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def prepared_dir(cfg: DictConfig) -> Path:
+    """Where prepared shards live: `data.prepared`, or the prepare stage's folder of this run."""
+    if cfg.data.prepared:
+        return Path(cfg.data.prepared)
+    return Path(cfg.run.out) / cfg.run.name / "prepare"
+
+
+def build_codec(codec: DictConfig, device: str | torch.device = "cpu") -> Codec:
+    if codec.kind == "patch":
+        return PatchCodec(codec.patch)
+    if not codec.path:
+        raise ValueError("codec.path: the Wan VAE folder is required when codec.kind is 'wan'")
+    return WanVAECodec.from_pretrained(codec.path, device=device, dtype=DTYPES[codec.dtype])
+
+
+def build_text_encoder(text: DictConfig, device: str | torch.device = "cpu") -> T5TextEncoder:
+    if text.kind == "tiny_t5":
+        enc = build_tiny_t5(vocabulary_of(grammar_texts()), text.dim, text.layers, text.heads,
+                            text.max_tokens, text.seed)
+        enc.model.to(device)
+        return enc
+    if not text.path:
+        raise ValueError("text_encoder.path: the UMT5 folder is required when text_encoder.kind is 'umt5'")
+    return T5TextEncoder.from_pretrained(text.path, text.max_tokens, device=device,
+                                         dtype=DTYPES[text.dtype])
+
+
+def synth_settings(synth: DictConfig) -> SynthSettings:
+    return SynthSettings(videos=synth.videos, seed=synth.seed, height=synth.height, width=synth.width,
+                         fps=synth.fps, min_shots=synth.min_shots, max_shots=synth.max_shots,
+                         min_frames=synth.min_frames, max_frames=synth.max_frames,
+                         max_cast=synth.max_cast, speed=synth.speed)
+
+
+def shot_stream(cfg: DictConfig, rank: int, world: int) -> DataStream:
+    """Next-shot micro-batches (teacher, intra-shot) of this rank, context per `data.context`."""
+    dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget)
+    return DataStream(dataset, cfg.train.micro_batch, cfg.run.seed, rank, world)
+
+
+def prompt_stream(cfg: DictConfig, rank: int, world: int, shots: int | None = None) -> DataStream:
+    """Multi-shot caption prompts (inter-shot) of this rank; `shots` fixes the shots per prompt."""
+    return DataStream(PromptDataset(prepared_dir(cfg), shots), cfg.train.micro_batch, cfg.run.seed, rank, world)

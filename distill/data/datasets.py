@@ -1,0 +1,127 @@
+"""Datasets over a prepared folder: next-shot samples (teacher, intra-shot) and caption prompts (inter-shot).
+
+`ShotDataset` item i is one (record, target shot) pair:
+
+    latents       [C, F, h, w]      the target shot
+    text          [L, D]            global ⊕ target caption tokens, zero-padded (L = 2·max_tokens)
+    context       [C, Fc, h, w]     history frames picked by teacher/context.py (Fc = 0 for a first shot)
+    context_text  [Fc, L, D]        each context frame's own shot text
+    context_shot, context_frame [Fc] (history shot, frame in that shot) of each context frame
+    target_shot   []                index of the target shot in its video
+    record        str               the record id
+
+`PromptDataset` item i is one record: `texts` [S, L, D] (shot s: global ⊕ shot s tokens), the
+captions, the global caption and the facts (for evaluation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distill.data.shards import INDEX, ShardReader, read_json
+from teacher.context import sample_context
+from teacher.encoders import join_text
+
+
+class PreparedData:
+    """A prepared folder: its index and lazy access to record tensors."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = read_json(self.folder / INDEX)
+        if index is None:
+            raise FileNotFoundError(f"{self.folder / INDEX}: no prepared data (run the prepare stage)")
+        self.settings: dict = index["settings"]
+        self.records: list[dict] = index["records"]
+        self.reader = ShardReader(self.folder)
+        self.text_len = 2 * self.settings["text"]["max_tokens"]
+        self.shot_frames = self.settings["shot_frames"]
+
+    def tensor(self, record: dict, key: str) -> torch.Tensor:
+        return self.reader.get(record["shard"], f"{record['slot']}/{key}").float()
+
+    def shot_text(self, record: dict, shot: int) -> torch.Tensor:
+        """[L, D]: the global caption's real tokens followed by shot `shot`'s, zero-padded."""
+        parts = [self.tensor(record, "global_text"), self.tensor(record, f"shot{shot}/text")]
+        return join_text(parts, self.text_len)
+
+    def context_latents(self, record: dict, picks: list[tuple[int, int]]) -> torch.Tensor:
+        """[C, Fc, h, w] latents of the (shot, frame) picks, each a single encoded frame."""
+        frames = self.settings["context"]["frames"]
+        out = []
+        for shot, frame in picks:
+            if frames == "shot":
+                out.append(self.tensor(record, f"shot{shot}/latents")[:, frame])
+                continue
+            if frame not in frames:
+                raise ValueError(f"{self.folder}: frame {frame} of a shot was not prepared as a context "
+                                 f"frame (prepared for {self.settings['strategy']} budget "
+                                 f"{self.settings['budget']}); prepare again with this context setting")
+            out.append(self.tensor(record, f"shot{shot}/frames")[:, frames.index(frame)])
+        return torch.stack(out, dim=1)
+
+
+class ShotDataset:
+    """(record, target shot) pairs with context sampled by `strategy` and `budget`."""
+
+    def __init__(self, folder: str | Path, strategy: str, budget: int) -> None:
+        self.data = PreparedData(folder)
+        self.strategy, self.budget = strategy, budget
+        self.items = [(r, j) for r, rec in enumerate(self.data.records) for j in range(len(rec["captions"]))]
+        if not self.items:
+            raise ValueError(f"{folder}: no prepared records")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def picks(self, i: int) -> list[tuple[int, int]]:
+        _, target = self.items[i]
+        return sample_context([self.data.shot_frames] * target, self.strategy, self.budget)
+
+    def group(self, i: int) -> int:
+        """Items of one group have the same context length, so they stack into a batch."""
+        return len(self.picks(i))
+
+    def __getitem__(self, i: int) -> dict:
+        r, target = self.items[i]
+        rec, data = self.data.records[r], self.data
+        picks = self.picks(i)
+        latents = data.tensor(rec, f"shot{target}/latents")
+        text = data.shot_text(rec, target)
+        if picks:
+            context = data.context_latents(rec, picks)
+            context_text = torch.stack([data.shot_text(rec, s) for s, _ in picks])
+        else:
+            context = latents.new_zeros(latents.shape[0], 0, *latents.shape[2:])
+            context_text = text.new_zeros(0, *text.shape)
+        return {"latents": latents, "text": text, "context": context, "context_text": context_text,
+                "context_shot": torch.tensor([s for s, _ in picks], dtype=torch.long),
+                "context_frame": torch.tensor([f for _, f in picks], dtype=torch.long),
+                "target_shot": torch.tensor(target), "record": rec["id"]}
+
+
+class PromptDataset:
+    """Caption-only multi-shot prompts; with `shots`, records with fewer shots are left out and
+    longer ones keep their first `shots` (so prompts stack into batches)."""
+
+    def __init__(self, folder: str | Path, shots: int | None = None) -> None:
+        self.data = PreparedData(folder)
+        self.shots = shots
+        self.records = [r for r in self.data.records if shots is None or len(r["captions"]) >= shots]
+        if not self.records:
+            raise ValueError(f"{folder}: no prepared record has {shots} shots")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def group(self, i: int) -> int:
+        return self.shots or len(self.records[i]["captions"])
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        count = self.group(i)
+        return {"texts": torch.stack([self.data.shot_text(rec, s) for s in range(count)]),
+                "captions": rec["captions"][:count], "global_caption": rec["global_caption"],
+                "facts": rec["facts"], "record": rec["id"]}

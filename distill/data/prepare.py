@@ -1,0 +1,151 @@
+"""Preparation: manifest → decode → encode → safetensors shards, an index and a report.
+
+Manifest entries (records and bad lines alike, in line order) are cut into shards of
+`records_per_shard`; shard k belongs to rank k mod world_size, so ranks never share a record and
+the shards do not depend on the number of ranks. Each rank writes its shards (skipping those already
+committed: resume), then, after a barrier, rank 0 merges the sidecars into `index.json` and
+`report.json` = {"prepared": [ids], "skipped": [{"line", "reason"}]}.
+
+Every shard records the settings fingerprint (resolution, fps, shot length, codec, text encoder,
+context candidates, the manifest's hash); resuming into a folder made with other settings fails
+instead of mixing shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from distill.data.manifest import BadRecord, Record, Skip, read_manifest
+from distill.data.shards import INDEX, REPORT, read_json, shard_name, write_json, write_shard
+from distill.data.shots import load_shots
+from teacher.context import candidate_frames
+from teacher.encoders import Codec, T5TextEncoder, pixels_from_uint8
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    height: int
+    width: int
+    fps: float
+    shot_frames: int
+    records_per_shard: int
+    latent_dtype: str
+    strategy: str
+    budget: int
+
+
+def fingerprint(s: PrepareSettings, codec: Codec, text: T5TextEncoder, manifest: Path) -> dict:
+    """Everything that decides a shard's content, as JSON."""
+    if not codec.frames_aligned(s.shot_frames):
+        raise ValueError(f"data.shot_frames={s.shot_frames} does not fit the codec: "
+                         f"expected 1 + k*{codec.temporal_factor}")
+    frames = "shot" if codec.frames_are_latents else candidate_frames(s.shot_frames, s.strategy, s.budget)
+    return {"format": 1, **asdict(s),
+            "codec": {"kind": type(codec).__name__, "channels": codec.channels,
+                      "temporal_factor": codec.temporal_factor, "spatial_factor": codec.spatial_factor},
+            "text": {"dim": text.dim, "max_tokens": text.max_tokens, "vocab": len(text.tokenizer),
+                     "name": text.model.config.name_or_path or "tiny"},
+            "context": {"frames": frames},
+            "manifest": hashlib.sha256(manifest.read_bytes()).hexdigest()}
+
+
+def encode_record(record: Record, slot: int, s: PrepareSettings, codec: Codec, text: T5TextEncoder,
+                  context_frames: list[int] | str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of one record (raises BadRecord on bad input)."""
+    clips = load_shots(record, s.height, s.width, s.fps, s.shot_frames)
+    dtype = DTYPES[s.latent_dtype]
+    tensors: dict[str, torch.Tensor] = {}
+    for j, clip in enumerate(clips):
+        pixels = pixels_from_uint8(torch.from_numpy(clip)).unsqueeze(0)
+        tensors[f"{slot}/shot{j}/latents"] = codec.encode(pixels)[0].to("cpu", dtype)
+        if context_frames != "shot":
+            picked = codec.encode_frames(pixels[:, :, context_frames])[0]
+            tensors[f"{slot}/shot{j}/frames"] = picked.to("cpu", dtype)
+    captions = [record.global_caption] + [shot.caption for shot in record.shots]
+    embeddings = text.encode(captions)
+    tensors[f"{slot}/global_text"] = embeddings[0].to(dtype)
+    for j, emb in enumerate(embeddings[1:]):
+        tensors[f"{slot}/shot{j}/text"] = emb.to(dtype)
+    meta = {"id": record.id, "line": record.line, "slot": slot, "global_caption": record.global_caption,
+            "captions": captions[1:], "facts": record.facts,
+            "latent_frames": codec.latent_frames(s.shot_frames)}
+    return tensors, meta
+
+
+def _shard(entries: list[Record | Skip], s: PrepareSettings, codec: Codec, text: T5TextEncoder,
+           settings: dict, manifest: Path, bar: tqdm) -> dict:
+    """Encode one shard's entries; bad ones become `skipped` and a stderr line."""
+    tensors: dict[str, torch.Tensor] = {}
+    records, skipped = [], []
+    for slot, entry in enumerate(entries):
+        try:
+            if isinstance(entry, Skip):
+                raise BadRecord(entry.reason)
+            t, meta = encode_record(entry, slot, s, codec, text, settings["context"]["frames"])
+            tensors.update(t)
+            records.append(meta)
+        except BadRecord as e:
+            skipped.append({"line": entry.line, "reason": str(e)})
+            bar.write(f"skipped {manifest}:{entry.line}: {e}", file=sys.stderr)
+        bar.update(1)
+    return {"settings": settings, "records": records, "skipped": skipped, "_tensors": tensors}
+
+
+def prepare_shards(manifest: str | Path, out: str | Path, s: PrepareSettings, codec: Codec,
+                   text: T5TextEncoder, rank: int = 0, world: int = 1, progress: bool = True) -> int:
+    """Write this rank's shards under `out`; return how many were (re)done."""
+    manifest, out = Path(manifest), Path(out)
+    entries = read_manifest(manifest)
+    settings = fingerprint(s, codec, text, manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    n = s.records_per_shard
+    mine = [k for k in range(0, (len(entries) + n - 1) // n) if k % world == rank]
+    todo = [k for k in mine if not _committed(out, shard_name(k), settings)]
+    done = 0
+    with tqdm(total=sum(len(entries[k * n:(k + 1) * n]) for k in todo), disable=not progress or rank != 0,
+              desc="prepare", unit="video", file=sys.stderr) as bar:
+        for k in todo:
+            result = _shard(entries[k * n:(k + 1) * n], s, codec, text, settings, manifest, bar)
+            write_shard(out, shard_name(k), result.pop("_tensors"), result)
+            done += 1
+    return done
+
+
+def _committed(out: Path, name: str, settings: dict) -> bool:
+    meta = read_json(out / f"{name}.json")
+    if meta is None:
+        return False
+    if meta.get("settings") != settings:
+        changed = sorted(k for k in settings if meta.get("settings", {}).get(k) != settings[k])
+        raise ValueError(f"{out / name}.json was prepared with other settings ({', '.join(changed)}); "
+                         "prepare into a new folder")
+    return True
+
+
+def finish(manifest: str | Path, out: str | Path, records_per_shard: int) -> dict:
+    """Merge every shard's sidecar into index.json and report.json (rank 0, after all ranks)."""
+    out = Path(out)
+    count = len(read_manifest(manifest))
+    index = {"settings": None, "shards": [], "records": []}
+    report = {"prepared": [], "skipped": []}
+    for k in range((count + records_per_shard - 1) // records_per_shard):
+        meta = read_json(out / f"{shard_name(k)}.json")
+        if meta is None:
+            raise RuntimeError(f"{out / shard_name(k)}.json is missing: a rank did not finish its shards")
+        index["settings"] = meta["settings"]
+        if meta["records"]:
+            index["shards"].append(shard_name(k))
+        index["records"] += [{**r, "shard": shard_name(k)} for r in meta["records"]]
+        report["prepared"] += [r["id"] for r in meta["records"]]
+        report["skipped"] += meta["skipped"]
+    write_json(out / INDEX, index)
+    write_json(out / REPORT, report)
+    return report

@@ -1,0 +1,94 @@
+"""An endless, resumable stream of micro-batches: each rank a disjoint share, order fixed by the seed.
+
+Epoch e's batches are a pure function of (seed, e, rank, world size): the items are permuted with
+a generator seeded by (seed, e); walking that permutation, each item joins the open batch of its
+group (`dataset.group(i)`, e.g. its context length, so that tensors stack) and a batch is emitted
+when full; leftovers that never fill a batch wait for the next epoch's shuffle. Batch b of the epoch
+belongs to rank b mod world, and every rank stops at the same count, so ranks never share an item
+and all take the same number of steps per epoch.
+
+`state_dict()` = {"epoch", "batch"} (the next batch to draw); `load_state_dict` continues from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+def epoch_batches(dataset, batch_size: int, seed: int, epoch: int, rank: int, world: int,
+                  shuffle: bool = True) -> list[list[int]]:
+    """This rank's batches (lists of item indices) of one epoch."""
+    if shuffle:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(len(dataset), generator=gen).tolist()
+    else:
+        order = list(range(len(dataset)))
+    open_: dict[Any, list[int]] = {}
+    batches: list[list[int]] = []
+    for i in order:
+        key = dataset.group(i)
+        group = open_.setdefault(key, [])
+        group.append(i)
+        if len(group) == batch_size:
+            batches.append(group)
+            open_[key] = []
+    per_rank = len(batches) // world
+    if per_rank == 0:
+        raise ValueError(f"{len(dataset)} items make {len(batches)} full batches of {batch_size}: "
+                         f"too few for {world} ranks")
+    return batches[rank::world][:per_rank]
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors (same shapes required), list everything else."""
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) > 1:
+                raise ValueError(f"cannot batch {key!r} of shapes {sorted(shapes)}")
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out
+
+
+class DataStream:
+    """`next(stream)` → this rank's next micro-batch, epoch after epoch (the trainer's DataSource)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 shuffle: bool = True, collate_fn: Callable[[list], Any] = collate) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world, self.shuffle, self.collate_fn = rank, world, shuffle, collate_fn
+        self.epoch, self.batch = 0, 0
+        self._batches: list[list[int]] | None = None
+
+    def _epoch(self) -> list[list[int]]:
+        if self._batches is None:
+            self._batches = epoch_batches(self.dataset, self.batch_size, self.seed, self.epoch,
+                                          self.rank, self.world, self.shuffle)
+        return self._batches
+
+    def __iter__(self) -> "DataStream":
+        return self
+
+    def __next__(self) -> Any:
+        while self.batch >= len(self._epoch()):
+            self.epoch, self.batch, self._batches = self.epoch + 1, 0, None
+        items = self._epoch()[self.batch]
+        self.batch += 1
+        return self.collate_fn([self.dataset[i] for i in items])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "world": self.world}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed or state["world"] != self.world:
+            raise ValueError(f"data position was saved with seed {state['seed']} on {state['world']} "
+                             f"ranks; this run has seed {self.seed} on {self.world}")
+        self.epoch, self.batch, self._batches = state["epoch"], state["batch"], None
