@@ -99,7 +99,29 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="launch.serve:generate")
 
 
-SUBCOMMANDS = [_add_run, _add_launch, _add_slurm, _add_config, _add_data, _add_export, _add_generate]
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="generate evaluation videos with an export (or a run's student) and score them")
+    p.add_argument("source", metavar="EXPORT_OR_RUN", help="export folder, or run folder (its export/ or newest student)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. eval.features.kind=dino")
+    p.add_argument("--prompts", metavar="FILE", help="JSONL of {global_caption, shots: [{caption}], facts?} "
+                   "(default: the run's prepared records)")
+    p.add_argument("--videos", type=int, help="evaluate the first N prompts (default: eval.videos; 0: all)")
+    p.add_argument("--out", help="output folder (default: <run>/eval, or <export>-eval)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--seed", type=int, help="seed of the generation noise (default: run.seed)")
+    p.set_defaults(handler="launch.evaluate:evaluate")
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="markdown table of several runs' evaluation metrics and final losses")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders; their names carry the ablation axes "
+                   "(see distill/compare.py)")
+    p.add_argument("--out", metavar="FILE.md", help="also write the table to this file")
+    p.set_defaults(handler="launch.evaluate:compare")
+
+
+SUBCOMMANDS = [_add_run, _add_launch, _add_slurm, _add_config, _add_data, _add_export, _add_generate,
+               _add_eval, _add_compare]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,11 +1,13 @@
-"""The causal chunk student: model, dual KV cache, per-chunk few-step sampling, export/load."""
+"""The causal chunk student: model, dual KV cache, per-chunk few-step sampling, export/load, streaming generator."""
 
 from __future__ import annotations
 
-__all__ = ["CausalStudent", "StudentSettings", "KVCache", "ChunkStream", "export_student", "load_student"]
+__all__ = ["CausalStudent", "StudentSettings", "KVCache", "ChunkStream", "export_student", "load_student",
+           "StreamingGenerator"]
 
 _WHERE = {"CausalStudent": "student.model", "StudentSettings": "student.model", "KVCache": "student.cache",
-          "ChunkStream": "student.sampling", "export_student": "student.export", "load_student": "student.export"}
+          "ChunkStream": "student.sampling", "export_student": "student.export", "load_student": "student.export",
+          "StreamingGenerator": "student.generator"}
 
 
 def __getattr__(name: str):

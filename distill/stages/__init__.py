@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "dmd_intra": "distill.stages.dmd:DMDIntraStage",
     "dmd_inter": "distill.stages.dmd:DMDInterStage",
     "export": "distill.stages.export:ExportStage",
+    "eval": "distill.stages.eval:EvalStage",
 }
 
 

@@ -1,0 +1,101 @@
+"""Handlers of `shotdistill export` and `shotdistill generate`.
+
+`generate` takes the shots' prompts from `--shot` (repeatable), a `--shots` file (one per line) or,
+with `--interactive`, from stdin after each shot (an empty line or end of input stops). Every prompt
+given up front and the frame count are checked before the model loads or a file is written; frames
+are appended to the mp4 chunk by chunk as they are generated, and the file appears only when the
+video is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+
+def quiet_loading() -> None:
+    """No per-file progress bars from diffusers/transformers: stderr is for our one-line messages."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def export(args: argparse.Namespace) -> int:
+    """Export the newest finished student of RUN_DIR (or a stage folder) into --out."""
+    from distill.stages.export import export_run
+
+    quiet_loading()
+    folder = export_run(args.source, args.out)
+    print(f"exported {folder}")
+    return 0
+
+
+def read_shots_file(path: str) -> list[str]:
+    """Prompts of a --shots file, one per line; a blank line in the middle is an error."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: shots file not found") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"{path}:{number}: shot prompt is empty: every shot needs a description")
+    if not lines:
+        raise ValueError(f"{path}: no shot prompts")
+    return [line.strip() for line in lines]
+
+
+def given_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts named on the command line, checked."""
+    prompts = list(args.shot or []) + (read_shots_file(args.shots) if args.shots else [])
+    for i, prompt in enumerate(prompts, 1):
+        if not prompt.strip():
+            raise ValueError(f"shot {i}: shot prompt is empty: every shot needs a description")
+    if not prompts and not args.interactive:
+        raise ValueError("generate: give --shot TEXT, --shots FILE or --interactive")
+    return prompts
+
+
+def prompts_stream(given: list[str], interactive: bool) -> Iterator[str]:
+    """The given prompts, then (interactive) one line of stdin after each shot."""
+    yield from given
+    while interactive:
+        print("next shot (empty line to finish)> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        yield line.strip()
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Generate a multi-shot video from an export folder into --out."""
+    given = given_prompts(args)
+    if args.frames is not None and args.frames < 1:
+        raise ValueError(f"--frames must be a positive frame count, got {args.frames}")
+    from student.generator import StreamingGenerator
+    from student.video import Mp4Writer
+
+    quiet_loading()
+    gen = StreamingGenerator.from_export(args.export, device=args.device, global_prompt=args.global_prompt,
+                                         seed=args.seed)
+    frames = gen.video.frames if args.frames is None else args.frames
+    gen.chunks_for(frames)  # a bad count fails before anything is written
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with Mp4Writer(out, gen.video.fps) as writer:
+        for number, prompt in enumerate(prompts_stream(given, args.interactive), 1):
+            start, made = time.perf_counter(), 0
+            for chunk in gen.next_shot(prompt, frames):
+                writer.append(chunk)
+                made += chunk.shape[0]
+            print(f"shot {number}: {made} frames in {time.perf_counter() - start:.2f}s  {prompt}", file=sys.stderr)
+        if writer.frames == 0:
+            raise ValueError("generate: no shots were given")
+    print(f"wrote {out} ({writer.frames} frames)")
+    return 0

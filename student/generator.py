@@ -1,0 +1,294 @@
+"""StreamingGenerator: an exported student that makes a video shot by shot while prompts arrive.
+
+    gen = StreamingGenerator.from_export(folder)
+    for frames in gen.next_shot("close-up: the red circle turns left"):   # uint8 [f, H, W, 3] per chunk
+        ...
+    for frames in gen.next_shot("wide: both circles meet"):               # conditions on its own history
+        ...
+
+`next_shot` checks its arguments at once and returns a generator; iterating it runs the shot chunk
+by chunk (the student's few denoising steps, then the t = 0 pass that caches the chunk) and yields
+each chunk's decoded frames as soon as they exist. A shot joins the history only when it is iterated
+to the end; a shot abandoned part-way (generator closed, or a new shot started) is forgotten.
+
+Text: the model's text is the global prompt's tokens ⊕ the shot prompt's tokens, zero-padded to
+2·max_tokens, the layout the student was trained on (distill/data/datasets.py `shot_text`).
+
+History: at every shot start the global cache is rebuilt from frames of the generator's own finished
+shots, picked by the student's context rule (`context_strategy`, budget `context_frames`), and the
+local cache is cleared (student/sampling.py). With a temporal-factor-1 codec (PatchCodec) the picked
+frames are the shot's latent frames; with Wan's VAE they are decoded pixel frames re-encoded one by
+one as single-frame videos, as the teacher saw context in training. Per finished shot only the frames
+the rule can ever pick are kept, and a shot the rule no longer picks is dropped for good (the rule
+gives old shots fewer frames as history grows, never more), so memory and time per chunk stay
+bounded however many shots are generated. When the rule picks more frames than the global cache
+holds ("first"/"first_last" over a long history) the most recent ones are kept.
+
+Shot positions: the picked shots are numbered 0, 1, … in time order and the new shot gets the next
+number. While every finished shot is picked (always, for histories up to the budget under the
+dynamic rule) this is exactly the shot index used in training; beyond that the shot-RoPE offsets
+stay inside the range training saw instead of growing with the stream.
+
+Reference images (FilmWeaver-style concept injection): each image is encoded as a one-frame clip
+and placed in the global cache before the history frames, as the frames of a virtual shot −1 (its
+temporal positions are t − θ for its t-th frame, then the history continues with shot 0). Each
+reference cross-attends to the global prompt ⊕ its own caption. References use global-cache slots,
+so the history budget becomes `context_frames − len(references)`.
+
+Chunk decoding: with a temporal factor of 1 each chunk decodes on its own. With Wan's causal VAE the
+first chunk of a shot gives 1 + 4·(chunk − 1) frames; every later chunk is decoded together with the
+shot's previous latent frame and that frame's output is dropped, giving 4·chunk frames. A shot of
+k chunks therefore has 1 + tf·(k·chunk − 1) frames, the length the codec gives its latents.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from student.export import load_student, read_export
+from student.model import CausalStudent
+from student.sampling import ChunkStream
+from teacher.context import candidate_frames, sample_context
+from teacher.encoders import (Codec, PatchCodec, T5TextEncoder, WanVAECodec, join_text, pixels_from_uint8,
+                              pixels_to_uint8, text_length)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """Output geometry: frame size, frame rate and the default frames per shot (the training shot length)."""
+
+    height: int
+    width: int
+    fps: float
+    frames: int
+
+
+@dataclass
+class Reference:
+    """A reference image (uint8 [H, W, 3] at the video's size) and the caption it is shown with."""
+
+    image: torch.Tensor
+    caption: str = ""
+
+
+@dataclass
+class _Shot:
+    """What the generator remembers of a finished shot: its frame count (in the units the context
+    rule counts), its model text, and the latents [C, h, w] of the frames the rule may pick."""
+
+    frames: int
+    text: torch.Tensor | None
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _value(desc: dict, name: str, key: str, source: str | os.PathLike):
+    if key not in desc:
+        raise ValueError(f"{source}: generator.json component {name!r} lacks {key!r}")
+    return desc[key]
+
+
+def load_components(components: dict[str, dict], source: str | os.PathLike, device: torch.device | str
+                    ) -> tuple[Codec, T5TextEncoder, VideoSettings]:
+    """The codec, text encoder and video settings an export's generator.json describes."""
+    for name in ("codec", "text_encoder", "video"):
+        if name not in components:
+            raise ValueError(f"{source}: generator.json has no component {name!r}")
+    codec_desc, text_desc, video = components["codec"], components["text_encoder"], components["video"]
+    kind = _value(codec_desc, "codec", "kind", source)
+    if kind == "patch":
+        codec: Codec = PatchCodec(int(_value(codec_desc, "codec", "patch", source)))
+    elif kind == "wan":
+        codec = WanVAECodec.from_pretrained(_value(codec_desc, "codec", "path", source), device=device,
+                                            dtype=DTYPES[codec_desc.get("dtype", "float32")])
+    else:
+        raise ValueError(f"{source}: codec kind {kind!r} is not 'patch' or 'wan'")
+    if _value(text_desc, "text_encoder", "kind", source) != "umt5":
+        raise ValueError(f"{source}: text_encoder must be a saved 'umt5' folder; got kind {text_desc['kind']!r}")
+    text = T5TextEncoder.from_pretrained(_value(text_desc, "text_encoder", "path", source),
+                                         int(_value(text_desc, "text_encoder", "max_tokens", source)),
+                                         device=device, dtype=DTYPES[text_desc.get("dtype", "float32")])
+    settings = VideoSettings(*(int(_value(video, "video", k, source)) for k in ("height", "width")),
+                             float(_value(video, "video", "fps", source)), int(_value(video, "video", "frames", source)))
+    return codec, text, settings
+
+
+class StreamingGenerator:
+    """Shot-by-shot streaming generation with an exported causal student (see module doc)."""
+
+    def __init__(self, student: CausalStudent, codec: Codec, text_encoder: T5TextEncoder, video: VideoSettings,
+                 global_prompt: str = "", seed: int = 0, references: Sequence[Reference] = ()) -> None:
+        self.student, self.codec, self.text_encoder, self.video = student.eval(), codec, text_encoder, video
+        self.seed = seed
+        param = next(student.parameters())
+        self.device = param.device
+        s, sf = student.settings, codec.spatial_factor
+        if video.height % sf or video.width % sf:
+            raise ValueError(f"video size {video.height}x{video.width} is not divisible by the codec's "
+                             f"spatial factor {sf}")
+        if codec.channels != student.latent_channels:
+            raise ValueError(f"the codec makes {codec.channels} latent channels; the student expects "
+                             f"{student.latent_channels}")
+        if text_encoder.dim != student.transformer.config.text_dim:
+            raise ValueError(f"the text encoder's width {text_encoder.dim} differs from the student's text_dim "
+                             f"{student.transformer.config.text_dim}")
+        self.latent_size = (video.height // sf, video.width // sf)
+        student.backbone.check_latents("latents", torch.empty(1, codec.channels, s.chunk_frames, *self.latent_size))
+        self.text_len = text_length(text_encoder.max_tokens, 2)
+        self.stream = ChunkStream(student, 1, *self.latent_size)
+        self.rng = torch.Generator(device=self.device)
+        self.global_prompt = global_prompt
+        self._global_tokens = self._tokens(global_prompt)
+        self._epoch = 0
+        self.references: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.history_budget = s.context_frames
+        self.reset(references)
+
+    @classmethod
+    def from_export(cls, folder: str | os.PathLike, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None, global_prompt: str = "", seed: int = 0,
+                    references: Sequence[Reference] = ()) -> "StreamingGenerator":
+        """Load an export folder (transformer, codec, text encoder, generator.json); no DeepSpeed."""
+        info = read_export(folder)
+        student = load_student(folder, torch_dtype=dtype).to(device)
+        codec, text, video = load_components(info.components, info.folder, device)
+        return cls(student, codec, text, video, global_prompt=global_prompt, seed=seed, references=references)
+
+    # ---- state -----------------------------------------------------------------------------
+    def reset(self, references: Sequence[Reference] | None = None) -> None:
+        """Forget every shot and restart the noise from the seed; `references` replace the current
+        ones (None keeps them). The cache buffers are reused."""
+        if references is not None:
+            self._set_references(references)
+        self._epoch += 1  # a shot still being iterated is abandoned
+        self.shots: list[_Shot] = []
+        self.rng.manual_seed(self.seed)
+        self.stream.cache.reset()
+
+    def _set_references(self, references: Sequence[Reference]) -> None:
+        capacity = self.student.settings.context_frames
+        if len(references) >= capacity:
+            raise ValueError(f"{len(references)} reference images leave no global-cache slot for the history "
+                             f"(context_frames {capacity}); give at most {capacity - 1}")
+        latents, texts = [], []
+        for i, ref in enumerate(references):
+            image = torch.as_tensor(ref.image)
+            if image.dtype != torch.uint8 or tuple(image.shape) != (self.video.height, self.video.width, 3):
+                raise ValueError(f"reference image {i} must be uint8 [{self.video.height}, {self.video.width}, 3]; "
+                                 f"got {image.dtype} {list(image.shape)}")
+            pixels = pixels_from_uint8(image.unsqueeze(0)).unsqueeze(0).to(self.device)
+            latents.append(self.codec.encode(pixels)[0, :, 0].to(self.device))
+            texts.append(self._model_text(ref.caption))
+        self.references = list(zip(latents, texts))
+        self.history_budget = capacity - len(self.references)
+
+    # ---- text ------------------------------------------------------------------------------
+    def _tokens(self, prompt: str) -> list[torch.Tensor]:
+        return [] if not prompt.strip() else self.text_encoder.encode([prompt])
+
+    def _model_text(self, caption: str) -> torch.Tensor:
+        """[L, D]: the global prompt's tokens ⊕ the caption's, zero-padded (the training layout)."""
+        parts = self._global_tokens + self._tokens(caption)
+        if not parts:
+            return torch.zeros(self.text_len, self.text_encoder.dim, device=self.device)
+        return join_text(parts, self.text_len).to(self.device)
+
+    # ---- frame counts ------------------------------------------------------------------------
+    def frames_for(self, chunks: int) -> int:
+        """Output frames of a shot of `chunks` chunks."""
+        return 1 + self.codec.temporal_factor * (chunks * self.student.settings.chunk_frames - 1)
+
+    def chunks_for(self, num_frames: int) -> int:
+        """Chunks of a shot of `num_frames` frames; ValueError unless it is a whole number of chunks."""
+        tf, chunk = self.codec.temporal_factor, self.student.settings.chunk_frames
+        latents, rest = divmod(num_frames - 1, tf)
+        if num_frames < 1 or rest or (latents + 1) % chunk:
+            valid = ", ".join(str(self.frames_for(k)) for k in (1, 2, 3))
+            raise ValueError(f"num_frames {num_frames} is not a whole number of chunks ({chunk} latent frames "
+                             f"each); valid frame counts: {valid}, ...")
+        return (latents + 1) // chunk
+
+    # ---- shots -------------------------------------------------------------------------------
+    def next_shot(self, prompt: str, num_frames: int | None = None) -> Iterator[torch.Tensor]:
+        """A generator of the next shot's frames, chunk by chunk (uint8 [f, H, W, 3] on the CPU);
+        the shot continues the story from this generator's finished shots (see module doc)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("shot prompt is empty: every shot needs a description")
+        chunks = self.chunks_for(self.video.frames if num_frames is None else num_frames)
+        return self._shot(prompt, chunks)
+
+    def _shot(self, prompt: str, chunks: int) -> Iterator[torch.Tensor]:
+        """Run one shot; it joins the history only if it finishes while still the newest shot."""
+        self._epoch += 1
+        mine = self._epoch
+        shot = _Shot(frames=self.frames_for(chunks), text=self._model_text(prompt))
+        keep = set(candidate_frames(shot.frames, self.student.settings.context_strategy, self.history_budget))
+        with torch.no_grad():  # not held across a yield: the caller's grad mode stays its own
+            self.stream.begin_shot(shot.text.unsqueeze(0), *self._context())
+        pending: dict[int, torch.Tensor] = {}
+        previous, offset = None, 0
+        for _ in range(chunks):
+            with torch.no_grad():
+                x0 = self.stream.next_chunk(self.rng)
+                pixels = self._decode(x0, previous)  # [3, f, H, W]
+            source = x0[0] if self.codec.frames_are_latents else pixels
+            for j in range(pixels.shape[1]):
+                if offset + j in keep:
+                    pending[offset + j] = source[:, j].clone()
+            offset, previous = offset + pixels.shape[1], x0[:, :, -1:]
+            yield pixels_to_uint8(pixels).cpu()
+            if self._epoch != mine:
+                raise RuntimeError("this shot was abandoned: a later next_shot() or reset() took over the stream")
+        shot.kept = self._encode_kept(pending)
+        self.shots.append(shot)
+        self._forget_unreachable()
+
+    def _decode(self, x0: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """Pixels [3, f, H, W] of a chunk; Wan's causal VAE continues from the shot's previous latent."""
+        if self.codec.temporal_factor == 1 or previous is None:
+            return self.codec.decode(x0)[0]
+        return self.codec.decode(torch.cat([previous, x0], dim=2))[0][:, 1:]
+
+    def _encode_kept(self, pending: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Latents [C, h, w] of the kept frames; pixel frames are encoded one by one (Wan)."""
+        if self.codec.frames_are_latents or not pending:
+            return pending
+        order = sorted(pending)
+        with torch.no_grad():
+            latents = self.codec.encode_frames(torch.stack([pending[f] for f in order], dim=1).unsqueeze(0))
+        return {f: latents[0, :, i].to(self.device) for i, f in enumerate(order)}
+
+    # ---- context -------------------------------------------------------------------------------
+    def _picks(self) -> list[tuple[int, int]]:
+        """(shot, frame) of the history frames the next shot sees, at most `history_budget` of them."""
+        picks = sample_context([s.frames for s in self.shots], self.student.settings.context_strategy,
+                               self.history_budget)
+        return picks[max(0, len(picks) - self.history_budget):] if self.history_budget else []
+
+    def _context(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(context [1, C, Fc, h, w], context_text [1, Fc, L, D], context_shots [Fc]) or Nones."""
+        picks = self._picks()
+        number = {k: i for i, k in enumerate(sorted({k for k, _ in picks}))}
+        frames = [lat for lat, _ in self.references] + [self.shots[k].kept[f] for k, f in picks]
+        if not frames:
+            return None, None, None
+        texts = [text for _, text in self.references] + [self.shots[k].text for k, _ in picks]
+        shots = [-1] * len(self.references) + [number[k] for k, _ in picks]
+        return (torch.stack(frames, dim=1).unsqueeze(0), torch.stack(texts).unsqueeze(0),
+                torch.tensor(shots, dtype=torch.long))
+
+    def _forget_unreachable(self) -> None:
+        """Drop the frames and text of shots the rule will never pick again (see module doc)."""
+        used = {k for k, _ in self._picks()}
+        for k, shot in enumerate(self.shots):
+            if k not in used:
+                shot.kept, shot.text = {}, None
+
+    def kept_tensors(self) -> int:
+        """How many history tensors the generator holds (bounded; for tests and the benchmark)."""
+        return sum(len(s.kept) + (s.text is not None) for s in self.shots)
