@@ -241,8 +241,8 @@ class OdeConfig:
 @dataclass
 class CausalInitConfig:
     eval_pairs: int = key(8, "ODE pairs the student samples (cached steps, re-noised with the pair's own "
-                          "noise) before and after training; the mean squared distance to the teacher's end "
-                          "points is reported (0: none)")
+                          "noise; all steps and the first alone) before and after training; the mean squared "
+                          "distances to the teacher's end points are reported (0: none)")
 
 
 # --------------------------------------------------------------------------- DMD (Self Forcing)
@@ -283,6 +283,32 @@ class LoraConfig:
                              "module names (suffixes) that get LoRA adapters: Wan attention projections")
 
 
+# --------------------------------------------------------------------------- evaluation (distill/stages/eval.py)
+
+
+@dataclass
+class FeaturesConfig:
+    kind: str = choice("none", ("none", "clip", "dino"), "learned-feature consistency (distill/features.py): "
+                       "clip = CLIPVisionModel, dino = Dinov2Model, from eval.features.path")
+    path: str = key("", "a local transformers folder: the model (config.json + weights) and its image processor")
+    batch: int = key(32, "frames per forward pass of the feature model")
+
+
+@dataclass
+class EvalConfig:
+    export: str = key("", "export folder to evaluate; '' = the run's export/, else its newest finished "
+                      "student (exported into the stage folder)")
+    prompts: str = key("", "JSONL of {global_caption, shots: [{caption}], facts?}; '' = the prepared records")
+    videos: int = key(4, "prompts evaluated: the first N (0: all)")
+    dtype: str = choice("float32", ("float32", "bfloat16", "float16"), "dtype the student generates in")
+    cut_ratio: float = key(3.0, "a cut's label change must be this many times the median change beside it")
+    cut_min_change: float = key(0.01, "fraction of pixels whose palette label must change at a cut")
+    cut_window: int = key(2, "frames on each side whose median change a cut is compared with")
+    cut_tolerance: int = key(1, "a detected cut within this many frames of a true cut counts as correct")
+    motion_tolerance: float = key(0.25, "centroid speed (pixels per frame) below which a character is still")
+    features: FeaturesConfig = section(FeaturesConfig, "CLIP/DINO feature consistency for real footage")
+
+
 # --------------------------------------------------------------------------- the recipe
 
 
@@ -313,6 +339,7 @@ class Recipe:
                                             "(distill/stages/causal_init.py)")
     dmd: DMDConfig = section(DMDConfig, "Self Forcing DMD, stages dmd_intra / dmd_inter (distill/stages/dmd.py)")
     lora: LoraConfig = section(LoraConfig, "LoRA adapters of the DMD generator and critic (dmd_inter)")
+    eval: EvalConfig = section(EvalConfig, "evaluation of the newest student export (distill/stages/eval.py)")
 
 
 # --------------------------------------------------------------------------- loading

@@ -44,6 +44,9 @@ def plan(path: str | Path, overrides: list[str], top: DictConfig | None = None,
         raise ConfigError(f"{path}: recipe needs itself (via {' -> '.join(p.name for p in _seen)})")
     inherited = [] if top is None else [f"run.name={top.run.name}", f"run.out={top.run.out}"]
     cfg = load_recipe(path, list(overrides) + inherited)
+    if cfg.overrides:  # the recipe's tree-wide overrides (ablations), before the command line's
+        overrides = list(cfg.overrides) + list(overrides)
+        cfg = load_recipe(path, overrides + inherited)
     top = top if top is not None else cfg
     node = Node(path=path, cfg=cfg)
     sub = lambda rel: plan(path.parent / rel, overrides, top, _seen + (path,))  # noqa: E731

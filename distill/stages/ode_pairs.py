@@ -1,0 +1,274 @@
+"""The `ode_pairs` stage: teacher ODE trajectories kept at the student's timesteps (CausVid protocol).
+
+Pair i is a pure function of (run.seed, i): the next-shot sample is item i mod N of the prepared
+`ShotDataset` (its history context and the target shot's caption), the initial noise comes from a
+generator seeded by `pair_seed(seed, i)`. The teacher's Euler sampler (`ode.steps`, `ode.shift`,
+ordinary CFG `ode.guidance_scale` against `sampler.negative_prompt`) runs with the student's
+denoising timesteps (`student.denoising_steps` warped by `student.shift`) inserted as nodes, so the
+kept latents lie exactly on the trajectory.
+
+Shard k holds pairs [k·P, (k+1)·P) (P = `ode.pairs_per_shard`) and belongs to rank k mod world, so
+the pairs written do not depend on the number of ranks. Per slot n of a shard:
+
+    n/noise        [C, F, h, w]     the initial noise (= the trajectory at t = 1000)
+    n/trajectory   [K, C, F, h, w]  the latents at the K student timesteps (index.json: timesteps)
+    n/x0           [C, F, h, w]     the clean end point
+    n/text         [L, D]           the target shot's text (global ⊕ shot caption)
+    n/context      [C, Fc, h, w]    clean history frames (Fc = 0 for a first shot)
+    n/context_shot [Fc]             history shot of each context frame
+    n/shot_texts   [S, L, D]        the text of each distinct history shot in `context_shot` (sorted),
+                                    stored once per shot instead of once per context frame
+
+The sidecar `shard-NNNNN.json` (the settings fingerprint and each pair's record id, target shot and
+dataset item) is written after the tensors and commits the shard: a rerun skips committed shards and
+refuses shards made with other settings. Rank 0 merges the sidecars into `index.json` at the end.
+`OdePairDataset` reads the folder back as training samples for the causal init.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from distill.data.components import build_text_encoder, prepared_dir
+from distill.data.datasets import ShotDataset
+from distill.data.shards import INDEX, ShardReader, read_json, shard_name, write_json, write_shard
+from student.model import StudentSettings
+from student.sampling import denoising_timesteps
+from teacher.encoders import join_text
+from teacher.sampler import draw_noise, sample
+
+STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FORMAT = 1
+
+
+def pair_seed(seed: int, i: int) -> int:
+    """Seed of pair i's noise generator (distinct for every (seed, i) with i < 2**32)."""
+    return (seed << 32) + i
+
+
+def pair_noise(seed: int, i: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Pair i's initial noise [1, *shape], drawn on the CPU so that it is the same on every device."""
+    return draw_noise((1, *shape), torch.Generator().manual_seed(pair_seed(seed, i)), dtype, device)
+
+
+def student_timesteps(cfg: DictConfig) -> list[float]:
+    """The student's denoising timesteps after the shift: the trajectory points every pair keeps."""
+    return denoising_timesteps(list(cfg.student.denoising_steps), cfg.student.shift)
+
+
+def teacher_dir(ctx) -> Path:
+    """The trained teacher of the run, from the `teacher` stage this stage needs."""
+    from distill.stages.teacher import MODEL_DIR
+
+    folder = ctx.needs.get("teacher")
+    if folder is None:
+        raise ValueError(f"{ctx.recipe}: this stage reads the teacher: add the teacher recipe to `needs:`")
+    return Path(folder) / MODEL_DIR
+
+
+def teacher_fingerprint(model_dir: Path) -> str:
+    """Identifies the trained teacher: a hash of its DONE marker (unique per teacher run) and config."""
+    from distill.runner import DONE
+
+    parts = [model_dir.parent / DONE, model_dir / "config.json"]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: the teacher stage has not finished")
+    return hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()[:16]
+
+
+def negative_text(cfg: DictConfig, length: int, device, dtype) -> torch.Tensor | None:
+    """[1, L, D] embedding of `sampler.negative_prompt`, or None when `ode.guidance_scale` is 1."""
+    if cfg.ode.guidance_scale == 1.0:
+        return None
+    encoder = build_text_encoder(cfg.text_encoder, device)
+    return join_text(encoder.encode([cfg.sampler.negative_prompt]), length).unsqueeze(0).to(device, dtype)
+
+
+def sample_pair(teacher, item: dict, noise: torch.Tensor, negative: torch.Tensor | None,
+                ode: DictConfig, keep: list[float]):
+    """The teacher's sampler on one dataset item from `noise` [1, C, F, h, w] (its dtype is the
+    model's); returns the sampler's `SampleResult` (x0 [1, ...], trajectory [K, 1, ...])."""
+    device, dtype = noise.device, noise.dtype
+    extra = {}
+    if item["context"].shape[1] > 0:
+        extra = {"context": item["context"][None].to(device, dtype),
+                 "context_text": item["context_text"][None].to(device, dtype),
+                 "context_shots": item["context_shot"][None].to(device)}
+    denoise = lambda x, t, txt: teacher(x, t, txt, **extra)  # noqa: E731
+    return sample(denoise, item["text"][None].to(device, dtype), noise, negative_text=negative,
+                  guidance_scale=ode.guidance_scale, steps=ode.steps, shift=ode.shift, keep_timesteps=keep)
+
+
+def pair_tensors(slot: int, item: dict, noise: torch.Tensor, result, dtype: torch.dtype) -> dict:
+    """A pair's shard entries (see module doc), on the CPU in the storage dtype."""
+    shots = item["context_shot"]
+    distinct, first = torch.unique(shots, return_inverse=True)
+    rows = [int((first == u).nonzero()[0]) for u in range(len(distinct))]
+    store = lambda x: x.detach().to("cpu", dtype).contiguous()  # noqa: E731
+    return {f"{slot}/noise": store(noise[0]), f"{slot}/trajectory": store(result.trajectory[:, 0]),
+            f"{slot}/x0": store(result.x0[0]), f"{slot}/text": store(item["text"]),
+            f"{slot}/context": store(item["context"]), f"{slot}/context_shot": shots.long().contiguous(),
+            f"{slot}/shot_texts": store(item["context_text"][rows])}
+
+
+class OdePairsStage:
+    """Recipe `stage: ode_pairs`; metrics: pairs, shards, shards_sampled (this run)."""
+
+    folder = "ode-pairs"
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """ODE keys omegaconf cannot range-check, before any compute."""
+        o = cfg.ode
+        if o.pairs < 1 or o.pairs_per_shard < 1 or o.steps < 1:
+            raise ValueError("ode.pairs, ode.pairs_per_shard and ode.steps must be >= 1")
+        if o.shift <= 0 or cfg.student.shift <= 0:
+            raise ValueError("ode.shift and student.shift must be > 0")
+        if cfg.deepspeed.frozen_zero3:
+            raise ValueError("deepspeed.frozen_zero3: ode_pairs runs the teacher as a plain module "
+                             "(ranks sample different shards, so they cannot share ZeRO-3 collectives)")
+        s = cfg.student
+        StudentSettings(chunk_frames=s.chunk_frames, local_chunks=s.local_chunks,
+                        denoising_steps=list(s.denoising_steps), shift=s.shift).check()
+
+    def __init__(self, cfg: DictConfig, ctx) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.out = Path(ctx.stage_dir)
+
+    def fingerprint(self, model_dir: Path, dataset: ShotDataset) -> dict:
+        """Everything that decides a shard's content (a committed shard must match it)."""
+        o = self.cfg.ode
+        return {"format": FORMAT, "seed": self.cfg.run.seed, "pairs": o.pairs, "pairs_per_shard": o.pairs_per_shard,
+                "steps": o.steps, "shift": o.shift, "guidance_scale": o.guidance_scale, "dtype": o.dtype,
+                "negative_prompt": self.cfg.sampler.negative_prompt if o.guidance_scale != 1.0 else None,
+                "timesteps": student_timesteps(self.cfg), "teacher": teacher_fingerprint(model_dir),
+                "items": len(dataset), "prepared": dataset.data.settings,
+                "compute_dtype": str(self.ctx.env.dtype(self.cfg.deepspeed.bf16)).removeprefix("torch.")}
+
+    def committed(self, name: str, fingerprint: dict) -> bool:
+        meta = read_json(self.out / f"{name}.json")
+        if meta is None:
+            return False
+        if meta.get("fingerprint") != fingerprint:
+            changed = sorted(k for k in fingerprint if meta.get("fingerprint", {}).get(k) != fingerprint[k])
+            raise ValueError(f"{self.out / name}.json was sampled with other settings ({', '.join(changed)}); "
+                             f"delete {self.out} to sample again")
+        return True
+
+    def run(self) -> dict[str, float]:
+        from distill.distributed import all_sum, barrier
+        from distill.models import load_teacher
+        from distill.trainer import place_frozen
+
+        cfg, env = self.cfg, self.ctx.env
+        model_dir = teacher_dir(self.ctx)
+        dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget)
+        fingerprint = self.fingerprint(model_dir, dataset)
+        self.out.mkdir(parents=True, exist_ok=True)
+        per, total = cfg.ode.pairs_per_shard, cfg.ode.pairs
+        shards = (total + per - 1) // per
+        mine = list(range(env.rank, shards, env.world_size))
+        todo = [k for k in mine if not self.committed(shard_name(k), fingerprint)]
+        if todo:
+            teacher = place_frozen(load_teacher(model_dir), cfg, env)
+            self.sample_shards(teacher, dataset, todo, fingerprint)
+        counts = all_sum(torch.tensor([float(len(todo))], device=env.device)).cpu()
+        barrier()
+        if env.is_main:
+            self.write_index(shards, fingerprint)
+        barrier()
+        metrics = {"pairs": float(total), "shards": float(shards), "shards_sampled": float(counts[0])}
+        self.log(metrics)
+        return metrics
+
+    @torch.no_grad()
+    def sample_shards(self, teacher, dataset: ShotDataset, todo: list[int], fingerprint: dict) -> None:
+        """Sample and write the shards `todo` (one pair at a time: bit-for-bit what `sample` gives)."""
+        from tqdm import tqdm
+
+        cfg, env = self.cfg, self.ctx.env
+        per, total, keep = cfg.ode.pairs_per_shard, cfg.ode.pairs, fingerprint["timesteps"]
+        dtype = next(teacher.parameters()).dtype
+        negative = negative_text(cfg, dataset.data.text_len, env.device, dtype)
+        store = STORE_DTYPES[cfg.ode.dtype]
+        count = sum(min(per, total - k * per) for k in todo)
+        with tqdm(total=count, desc="ode-pairs", unit="pair", file=sys.stderr, dynamic_ncols=True,
+                  disable=not (cfg.logging.progress and env.is_main)) as bar:
+            for k in todo:
+                tensors, pairs = {}, []
+                for slot, i in enumerate(range(k * per, min((k + 1) * per, total))):
+                    j = i % len(dataset)
+                    item = dataset[j]
+                    noise = pair_noise(cfg.run.seed, i, item["latents"].shape, dtype, env.device)
+                    result = sample_pair(teacher, item, noise, negative, cfg.ode, keep)
+                    tensors.update(pair_tensors(slot, item, noise, result, store))
+                    pairs.append({"pair": i, "item": j, "record": item["record"],
+                                  "target_shot": int(item["target_shot"]),
+                                  "context_frames": int(item["context"].shape[1])})
+                    bar.update(1)
+                write_shard(self.out, shard_name(k), tensors, {"fingerprint": fingerprint, "pairs": pairs})
+
+    def write_index(self, shards: int, fingerprint: dict) -> None:
+        """Merge every shard's sidecar into index.json (rank 0, after every rank finished)."""
+        pairs = []
+        for k in range(shards):
+            name = shard_name(k)
+            meta = read_json(self.out / f"{name}.json")
+            if meta is None:
+                raise RuntimeError(f"{self.out / name}.json is missing: a rank did not finish its shards")
+            pairs += [{**p, "shard": name, "slot": n} for n, p in enumerate(meta["pairs"])]
+        write_json(self.out / INDEX, {"fingerprint": fingerprint, "timesteps": fingerprint["timesteps"],
+                                      "pairs": pairs})
+
+    def log(self, metrics: dict[str, float]) -> None:
+        from distill.logging import StageLogger
+
+        cfg = self.cfg
+        log = StageLogger(self.ctx.tb_dir, self.out.name, main=self.ctx.env.is_main,
+                          tensorboard=cfg.logging.tensorboard, progress=False, total_steps=0, start_step=0)
+        log.scalars(0, metrics)
+        log.close()
+
+
+class OdePairDataset:
+    """An ODE-pair folder as samples: item n is pair n of index.json (a `DataStream` dataset).
+
+    Items hold float32 tensors: noise, trajectory [K, C, F, h, w], x0, text, context, context_text
+    [Fc, L, D] (rebuilt from the per-shot texts), context_shot; plus the pair's record and target shot.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = read_json(self.folder / INDEX)
+        if index is None:
+            raise FileNotFoundError(f"{self.folder / INDEX}: no ODE pairs (run the ode_pairs stage)")
+        self.timesteps: list[float] = index["timesteps"]
+        self.pairs: list[dict] = index["pairs"]
+        self.reader = ShardReader(self.folder)
+        if not self.pairs:
+            raise ValueError(f"{self.folder / INDEX}: no pairs")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def group(self, n: int) -> int:
+        """Pairs with the same context length stack into a batch."""
+        return self.pairs[n]["context_frames"]
+
+    def tensor(self, pair: dict, key: str) -> torch.Tensor:
+        return self.reader.get(pair["shard"], f"{pair['slot']}/{key}")
+
+    def __getitem__(self, n: int) -> dict:
+        pair = self.pairs[n]
+        shots = self.tensor(pair, "context_shot").long()
+        _, which = torch.unique(shots, return_inverse=True)
+        out = {key: self.tensor(pair, key).float() for key in ("noise", "trajectory", "x0", "text", "context")}
+        out["context_text"] = self.tensor(pair, "shot_texts").float()[which]
+        return {**out, "context_shot": shots, "record": pair["record"],
+                "target_shot": torch.tensor(pair["target_shot"]), "pair": torch.tensor(pair["pair"])}

@@ -1,0 +1,155 @@
+"""The `teacher` stage: fine-tune Wan into the bidirectional next-shot teacher (ShotStream §4.1).
+
+Each micro-batch is a set of (history, target shot) samples of equal context length. Noise is put
+on the target only (x_t = (1-σ)x0 + σε); the model runs the clean context at t = 0 and returns the
+target frames, so the rectified-flow loss ‖v - (ε - x0)‖² covers target tokens only. With
+probability `teacher.context_dropout` a whole micro-batch trains without its context (per batch, not
+per sample: the samples of a batch share one sequence length, and a mixed batch would need padding
+and attention masks the Wan blocks do not take); that is what lets samplers run without a history.
+
+Timesteps are stratified: sample i of step s falls in stratum (s·B + i) mod K of K equal-probability
+strata of u ∈ [0, 1), drawn uniformly inside it, then shifted by `teacher.timestep_shift`. Every
+rank and micro-batch of a step therefore covers the same strata, so the per-stratum losses
+(`teacher/loss_t<lo>-<hi>`, means over the current logging window) are the same set of scalars on
+all ranks, and every stratum shows up within K samples.
+
+At the end the teacher is saved to `<stage>/model/` (diffusers folder + settings json) and a few
+next shots are sampled with and without context and scored against the world's facts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from distill.data.components import shot_stream
+from distill.models import build_teacher
+from distill.trainer import TrainedModel, Trainer
+from teacher.flow import NUM_TRAIN_TIMESTEPS, add_noise, shift_timestep, velocity_target
+from teacher.model import NextShotTeacher
+
+MODEL_DIR = "model"
+
+
+class StratifiedTimesteps:
+    """Stratified training timesteps and the per-stratum loss means of the current log window."""
+
+    def __init__(self, strata: int, shift: float, window: int) -> None:
+        self.strata, self.shift, self.window = strata, shift, window
+        edges = shift_timestep(torch.linspace(0, NUM_TRAIN_TIMESTEPS, strata + 1, dtype=torch.float64), shift)
+        self.names = [f"loss_t{lo:.0f}-{hi:.0f}" for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist())]
+        self._window_id = None
+        self._sums = torch.zeros(strata, dtype=torch.float64)
+        self._counts = torch.zeros(strata, dtype=torch.float64)
+
+    def draw(self, step: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps [B] float32 on `device`, strata [B] long) for the samples of one micro-batch."""
+        strata = (step * batch + torch.arange(batch)) % self.strata
+        u = (strata + torch.rand(batch, dtype=torch.float64)) / self.strata
+        t = shift_timestep(u * NUM_TRAIN_TIMESTEPS, self.shift)
+        return t.to(device=device, dtype=torch.float32), strata
+
+    def record(self, step: int, strata: torch.Tensor, losses: torch.Tensor) -> dict[str, float]:
+        """Add per-sample losses; return the window mean of every stratum the window has seen."""
+        window_id = step // self.window
+        if window_id != self._window_id:
+            self._window_id = window_id
+            self._sums.zero_()
+            self._counts.zero_()
+        self._sums.index_add_(0, strata, losses.detach().double().cpu())
+        self._counts.index_add_(0, strata, torch.ones_like(strata, dtype=torch.float64))
+        return {self.names[k]: float(self._sums[k] / self._counts[k])
+                for k in range(self.strata) if self._counts[k] > 0}
+
+
+class TeacherStage:
+    """Recipe `stage: teacher`; metrics: final losses, the colour-consistency evaluation."""
+
+    folder = "teacher"
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """Teacher keys that omegaconf cannot range-check, before any compute."""
+        t = cfg.teacher
+        if not 0.0 <= t.context_dropout <= 1.0:
+            raise ValueError(f"teacher.context_dropout must be in [0, 1], got {t.context_dropout}")
+        if t.timestep_shift <= 0 or cfg.sampler.shift <= 0:
+            raise ValueError("teacher.timestep_shift and sampler.shift must be > 0")
+        if t.loss_buckets < 1 or t.eval_samples < 0 or cfg.sampler.steps < 1:
+            raise ValueError("teacher.loss_buckets and sampler.steps must be >= 1, teacher.eval_samples >= 0")
+
+    def __init__(self, cfg: DictConfig, ctx) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.timesteps = StratifiedTimesteps(cfg.teacher.loss_buckets, cfg.teacher.timestep_shift,
+                                             cfg.logging.every)
+
+    def run(self) -> dict[str, float]:
+        from distill.shot_eval import evaluate_teacher
+
+        cfg, env = self.cfg, self.ctx.env
+        teacher = trainable_teacher(cfg)
+        data = shot_stream(cfg, env.rank, env.world_size)
+        self.trainer = Trainer(cfg, self.ctx, [TrainedModel("teacher", teacher)], data, self.step)
+        metrics = self.trainer.fit()
+        engine = self.trainer.engines["teacher"]
+        save_teacher(engine, Path(self.ctx.stage_dir) / MODEL_DIR, env)
+        scores = evaluate_teacher(engine, cfg, env)
+        if scores:
+            log_final(self.ctx, cfg, scores)
+        return {**metrics, **scores}
+
+    def step(self, batch: dict, due: frozenset, step: int) -> dict[str, torch.Tensor]:
+        """Rectified-flow loss of one micro-batch (target tokens only), plus its logged scalars."""
+        engine = self.trainer.engines["teacher"]
+        device = self.ctx.env.device
+        dtype = next(engine.module.parameters()).dtype
+        x0 = batch["latents"].to(device, torch.float32)
+        noise = torch.randn_like(x0)
+        t, strata = self.timesteps.draw(step, x0.shape[0], device)
+        x_t = add_noise(x0, noise, t)
+        context = {}
+        use_context = batch["context"].shape[2] > 0 and bool(torch.rand(()) >= self.cfg.teacher.context_dropout)
+        if use_context:
+            context = {"context": batch["context"].to(device, dtype),
+                       "context_text": batch["context_text"].to(device, dtype),
+                       "context_shots": batch["context_shot"].to(device)}
+        v = engine(x_t.to(dtype), t, batch["text"].to(device, dtype), **context)
+        per_sample = (v.float() - velocity_target(x0, noise)).pow(2).flatten(1).mean(1)
+        return {"teacher": per_sample.mean(), "context_used": torch.tensor(float(use_context)),
+                **self.timesteps.record(step, strata, per_sample)}
+
+
+def trainable_teacher(cfg: DictConfig) -> NextShotTeacher:
+    """The recipe's fresh teacher with `teacher.trainable` and gradient checkpointing applied."""
+    teacher = build_teacher(cfg)
+    teacher.set_trainable()
+    teacher.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
+    return teacher
+
+
+def save_teacher(engine, folder: Path, env) -> None:
+    """Rank 0 writes the trained teacher as a diffusers folder (ZeRO-3 shards gathered first)."""
+    from distill.distributed import barrier
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if env.is_main:
+                module.save_pretrained(folder)
+    elif env.is_main:
+        module.save_pretrained(folder)
+    barrier()
+
+
+def log_final(ctx, cfg: DictConfig, scores: dict[str, float]) -> None:
+    """End-of-stage scalars into the stage's TensorBoard folder, at the last training step."""
+    from distill.logging import StageLogger
+
+    log = StageLogger(ctx.tb_dir, Path(ctx.stage_dir).name, main=ctx.env.is_main,
+                      tensorboard=cfg.logging.tensorboard, progress=False,
+                      total_steps=cfg.train.steps, start_step=cfg.train.steps)
+    log.scalars(cfg.train.steps, scores)
+    log.close()
