@@ -1,0 +1,81 @@
+"""Handlers of `shotdistill eval` and `shotdistill compare`.
+
+`eval EXPORT_OR_RUN`: with a run folder, the recipe is the run's (its `eval/config.yaml` when the eval
+stage ran, else `config.yaml`), the prompts default to its prepared records and the outputs go to
+`<run>/eval/` (+ TensorBoard `<run>/tb/eval/`), where `compare` finds them; with an export folder,
+`--prompts` is required, the `eval.*` keys are the schema's defaults, and outputs go to
+`<export>-eval/`. `key=value` overrides (e.g. `eval.features.kind=dino`) apply in both cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _run_config(run: Path, overrides: list[str]):
+    from distill.config import load_recipe
+
+    stage = run / "eval" / "config.yaml"
+    return load_recipe(stage if stage.is_file() else run / "config.yaml", overrides)
+
+
+def _export_config(overrides: list[str]):
+    """The schema's defaults with the overrides (an export carries no recipe)."""
+    import tempfile
+
+    from distill.config import load_recipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = Path(tmp, "eval.yaml")
+        recipe.write_text("stage: eval\nrun:\n  name: eval\n")
+        return load_recipe(recipe, overrides)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Generate, time and score the prompts with an export (or a run's newest student)."""
+    from distill.checkpoint import write_atomic
+    from distill.evaluation import evaluate as run_evaluation
+    from distill.evaluation import resolve_export, select_prompts
+    from distill.stages.eval import check_eval
+    from launch.serve import quiet_loading
+
+    source = Path(args.source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: export or run folder not found")
+    is_run = (source / "config.yaml").is_file()
+    if not is_run and not args.prompts:
+        raise ValueError(f"{source}: not a run folder (no config.yaml): give --prompts FILE")
+    overrides = list(args.overrides) + ([f"eval.prompts={args.prompts}"] if args.prompts else []) + \
+        ([f"eval.videos={args.videos}"] if args.videos is not None else [])
+    cfg = _run_config(source, overrides) if is_run else _export_config(overrides)
+    check_eval(cfg.eval, str(source))
+    out = Path(args.out) if args.out else source / "eval" if is_run else source.parent / f"{source.name}-eval"
+    prompts = select_prompts(cfg.eval, Path(cfg.data.prepared) if cfg.data.prepared else source / "prepare")
+    quiet_loading()
+    export = resolve_export(source, out)
+    tb = source / "tb" / "eval" if is_run and not args.out else out / "tb"
+    seed = cfg.run.seed if args.seed is None else args.seed
+    metrics = run_evaluation(export, prompts, out, cfg.eval, args.device, seed, tb)
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    report = json.loads((out / "report.json").read_text())
+    for name, value in metrics.items():
+        print(f"{name:<20} {value:.4g}")
+    for name, why in report["skipped"].items():
+        print(f"{name:<20} skipped: {why}")
+    print(f"wrote {out / 'metrics.json'} ({len(prompts)} videos under {out / 'samples'})")
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Print (and with --out write) the markdown table of the runs' final numbers."""
+    from distill.checkpoint import write_atomic
+    from distill.compare import comparison_table
+
+    table = comparison_table(args.runs)
+    print(table, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(args.out), table)
+    return 0
