@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from student.model import INDICATOR_FILE, CausalStudent, settings_from_dict
+from teacher.files import atomic_folder
 
 GENERATOR_FILE = "generator.json"
 EXPORT_FORMAT = 1
@@ -75,26 +76,17 @@ def _write_components(components: Mapping[str, Any], folder: Path) -> dict[str, 
 def export_student(student: CausalStudent, folder: str | os.PathLike,
                    components: Mapping[str, Any] | None = None) -> Path:
     """Write the export folder (see module doc) atomically; returns its path."""
-    final = Path(folder)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    merged_transformer(student).save_pretrained(str(tmp / "transformer"))
-    if student.shot_indicator is not None:
-        from safetensors.torch import save_file
+    with atomic_folder(folder) as tmp:
+        merged_transformer(student).save_pretrained(str(tmp / "transformer"))
+        if student.shot_indicator is not None:
+            from safetensors.torch import save_file
 
-        save_file({"shot_indicator": student.shot_indicator.detach().contiguous().cpu()}, str(tmp / INDICATOR_FILE))
-    meta = {"format": EXPORT_FORMAT, "student": student.settings_dict(),
-            "components": _write_components(components or {}, tmp)}
-    (tmp / GENERATOR_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+            save_file({"shot_indicator": student.shot_indicator.detach().contiguous().cpu()},
+                      str(tmp / INDICATOR_FILE))
+        meta = {"format": EXPORT_FORMAT, "student": student.settings_dict(),
+                "components": _write_components(components or {}, tmp)}
+        (tmp / GENERATOR_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    final = Path(folder)
     return final
 
 

@@ -154,16 +154,7 @@ class CausalStudent(nn.Module):
             return self.backbone.text_kv(text), None
         if context_text is None:
             raise ValueError("captions 'multi' needs context_text [B, Fc, L, D] when context is given")
-        stacked = torch.cat([context_text.to(text.dtype), text.unsqueeze(1)], dim=1)
-        # Shots share a text: one K/V per distinct text; compare bit patterns for exact equality.
-        flat = stacked.flatten(2)
-        bits = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-        unique_bits, index = torch.unique(bits, dim=1, return_inverse=True)
-        groups = unique_bits.view(stacked.dtype).unflatten(2, stacked.shape[2:])
-        if groups.shape[1] == 1:
-            return self.backbone.text_kv(text), None
-        frame_text = torch.cat([index[:-1], index[-1:].expand(target_frames)]).to(text.device)
-        return self.backbone.text_kv(groups), frame_text.unsqueeze(0)
+        return self.backbone.frame_text_kv(text, context_text, target_frames)
 
     @staticmethod
     def context_shot_index(batch: int, context_frames: int, context_text: torch.Tensor | None,

@@ -177,6 +177,28 @@ class WanBackbone:
             values.append(v.unflatten(0, (batch, count)))
         return TextKV(keys, values)
 
+    def frame_text_kv(
+        self, text: torch.Tensor, context_text: torch.Tensor | None, target_frames: int
+    ) -> tuple[TextKV, torch.Tensor | None]:
+        """Cross-attention K/V of the distinct texts and each frame's text index (None: one text).
+
+        context_text [B, Fc, L, D] is each context frame's own shot text (None: every frame uses
+        `text`); the `target_frames` frames after the context use `text` [B, L, D]. Context frames
+        of one shot share a text, so each distinct text's K/V is computed once; texts are compared
+        by bit pattern (exact equality, and unique() lacks half-precision kernels on some devices).
+        """
+        if context_text is None or context_text.shape[1] == 0:
+            return self.text_kv(text), None
+        stacked = torch.cat([context_text.to(text.dtype), text.unsqueeze(1)], dim=1)
+        flat = stacked.flatten(2)
+        bits = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        unique_bits, index = torch.unique(bits, dim=1, return_inverse=True)
+        groups = unique_bits.view(stacked.dtype).unflatten(2, stacked.shape[2:])
+        if groups.shape[1] == 1:
+            return self.text_kv(text), None
+        frame_text = torch.cat([index[:-1], index[-1:].expand(target_frames)]).to(text.device)
+        return self.text_kv(groups), frame_text.unsqueeze(0)
+
     # ---- blocks -------------------------------------------------------------------------
     def run_blocks(
         self,

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from teacher.backbone import TextKV, WanBackbone
+from teacher.files import atomic_folder
 from teacher.rope import shot_positions
 
 SETTINGS_FILE = "shotdistill_teacher.json"
@@ -106,19 +106,9 @@ class NextShotTeacher(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write the diffusers folder plus our settings json; the folder appears complete or not at all."""
-        final = Path(folder)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.transformer.save_pretrained(str(tmp))
-        (tmp / SETTINGS_FILE).write_text(json.dumps(self.settings(), indent=2) + "\n")
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        with atomic_folder(folder) as tmp:
+            self.transformer.save_pretrained(str(tmp))
+            (tmp / SETTINGS_FILE).write_text(json.dumps(self.settings(), indent=2) + "\n")
 
     # ---- training switches -----------------------------------------------------------------
     def set_trainable(self) -> list[str]:
@@ -223,17 +213,7 @@ class NextShotTeacher(nn.Module):
             return self.backbone.text_kv(text), None
         if context_text is None:
             raise ValueError("captions 'multi' needs context_text [B, Fc, L, D] when context is given")
-        stacked = torch.cat([context_text.to(text.dtype), text.unsqueeze(1)], dim=1)
-        # Context frames of one shot share a text: compute each distinct text's K/V once. Compare
-        # bit patterns (exact equality, and unique() lacks half-precision kernels on some devices).
-        flat = stacked.flatten(2)
-        bits = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-        unique_bits, index = torch.unique(bits, dim=1, return_inverse=True)
-        groups = unique_bits.view(stacked.dtype).unflatten(2, stacked.shape[2:])
-        if groups.shape[1] == 1:
-            return self.backbone.text_kv(text), None
-        frame_text = torch.cat([index[:-1], index[-1:].expand(frames)]).to(text.device)
-        return self.backbone.text_kv(groups), frame_text.unsqueeze(0)
+        return self.backbone.frame_text_kv(text, context_text, frames)
 
     def _forward_channel_concat(self, noisy: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                                 context: torch.Tensor | None, context_shots: torch.Tensor | None) -> torch.Tensor:
