@@ -1,0 +1,324 @@
+"""The two Self Forcing DMD stages (ShotStream §4.2, §9): `dmd_intra` (stage 1) and `dmd_inter` (stage 2).
+
+Three models: the generator (the causal student, started from `dmd.generator_from`'s student/
+export, trained through `SelfForcingGenerator` so its forward is the rollout), the critic / fake
+score (a bidirectional teacher started from `dmd.teacher_from`'s model/, trained) and the real score
+(the same teacher, frozen: a plain module, or ZeRO-3 partitioned with `deepspeed.frozen_zero3`).
+Our step counts critic steps: the critic updates every step, the generator every
+`dmd.generator_every` steps (ShotStream 1:5). Per step one exit step is drawn on rank 0 and
+broadcast; the rollout runs with gradient only on generator steps.
+
+- dmd_intra: each micro-batch is a (ground-truth history, target shot) sample; the global cache is
+  built from the ground-truth context frames and the target shot is rolled out chunk by chunk.
+- dmd_inter: each micro-batch is a caption-only prompt of `dmd.shots` shots; shot 1 from scratch,
+  every later shot conditioned only on generated history (global cache rebuilt at each boundary
+  from re-encoded generated frames, `dmd.context_from`; local cache reset). DMD on every shot.
+  With `lora.rank` > 0 only peft LoRA adapters of the generator and critic train.
+
+The real score and critic see the generator's context, or with `dmd.score_context: ground_truth`
+the record's ground-truth history (dmd_inter). The final generator (its EMA when `dmd.ema_decay` >
+0) is exported to `<stage>/student/` with LoRA merged. Before and after training the student's
+multi-shot rollouts (and the teacher's, once) are scored for identity colour consistency.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from distill.data.components import build_codec, build_text_encoder, prepared_dir, prompt_stream, shot_stream
+from distill.data.datasets import PreparedData, PromptDataset
+from distill.dmd import critic_loss, draw_timesteps, generator_loss
+from distill.ema import EMA
+from distill.media import MediaLog
+from distill.rollout import ReencodedContext, SelfForcingGenerator, draw_exit_step, latent_context_fn
+from distill.rollout import shots as rollout_shots
+from distill.trainer import TrainedModel, Trainer, place_frozen
+from teacher.context import sample_context
+from teacher.encoders import join_text, pixels_to_uint8
+
+STUDENT_DIR = "student"
+
+
+def needed_folder(ctx, name: str, key: str) -> Path:
+    """The folder of stage `name` this stage reads (it must be listed in `needs:`)."""
+    folder = ctx.needs.get(name)
+    if folder is None:
+        raise ValueError(f"{ctx.recipe}: {key}={name!r} is not among the stages in `needs:` "
+                         f"({', '.join(sorted(ctx.needs)) or 'none'})")
+    return Path(folder)
+
+
+def add_lora(transformer: torch.nn.Module, lora: DictConfig) -> None:
+    """peft LoRA adapters on `lora.targets` (diffusers' add_adapter, so export can fuse them); only
+    the adapters stay trainable."""
+    from peft import LoraConfig
+
+    transformer.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.targets),
+                                       init_lora_weights=True))
+
+
+def only_lora_trainable(module: torch.nn.Module) -> list[str]:
+    """Freeze everything but LoRA parameters; return the trainable names."""
+    names = []
+    for name, param in module.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if param.requires_grad:
+            names.append(name)
+    if not names:
+        raise ValueError("lora.targets matched no module of the Wan transformer")
+    return names
+
+
+def export_generator(engine, ema: EMA, folder: Path, cfg: DictConfig, env) -> None:
+    """Rank 0 exports the generator's student (EMA weights when the EMA ran; ZeRO-3 gathered)."""
+    from distill.distributed import barrier
+    from distill.stages.causal_init import gathered
+    from student.export import export_student
+
+    if ema.enabled:
+        ema.copy_to()
+    components = {"codec": OmegaConf.to_container(cfg.codec, resolve=True),
+                  "text_encoder": OmegaConf.to_container(cfg.text_encoder, resolve=True)}
+    with gathered(engine):
+        if env.is_main:
+            export_student(engine.module.student, folder, components)
+    barrier()
+
+
+def register_direct_params(engine) -> None:
+    """ZeRO-3: the backbone reads the modulation tables (and the student its shot indicator) as
+    attributes, outside the forward of the module that owns them, where ZeRO-3's hooks would never
+    gather them; registering them with the engine's top module gathers them for its whole forward
+    and backward."""
+    if not hasattr(engine, "zero_optimization_stage") or engine.zero_optimization_stage() != 3:
+        return
+    import deepspeed
+
+    top = engine.module
+    for name, param in top.named_parameters():
+        if name.endswith("scale_shift_table") or name.endswith("shot_indicator"):
+            deepspeed.zero.register_external_parameter(top, param)
+
+
+class DMDStage:
+    """Shared by both DMD stages; subclasses set `folder` and `inter`."""
+
+    folder = "dmd"
+    inter = False
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """DMD keys omegaconf cannot range-check, before any compute."""
+        d = cfg.dmd
+        if d.generator_every < 1 or d.shots < 1 or d.sample_every < 0 or d.eval_videos < 0:
+            raise ValueError("dmd.generator_every and dmd.shots must be >= 1, dmd.sample_every and "
+                             "dmd.eval_videos >= 0")
+        if not 0 <= d.min_t <= d.max_t <= 1000 or d.timestep_shift <= 0:
+            raise ValueError(f"dmd needs 0 <= min_t <= max_t <= 1000 and timestep_shift > 0; got "
+                             f"[{d.min_t}, {d.max_t}], shift {d.timestep_shift}")
+        if not 0 <= d.ema_decay < 1:
+            raise ValueError(f"dmd.ema_decay must be in [0, 1), got {d.ema_decay}")
+        if cfg.lora.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0, got {cfg.lora.rank}")
+
+    def __init__(self, cfg: DictConfig, ctx) -> None:
+        self.cfg, self.ctx, self.env = cfg, ctx, ctx.env
+        self.dtype = self.env.dtype(cfg.deepspeed.bf16)
+
+    # ---- models ---------------------------------------------------------------------------
+    def build(self) -> tuple[SelfForcingGenerator, torch.nn.Module, torch.nn.Module]:
+        """(generator, critic, real score) from the needed folders; LoRA applied when configured."""
+        from distill.models import load_teacher
+        from distill.stages.teacher import MODEL_DIR
+        from student.export import load_student
+
+        cfg = self.cfg
+        teacher_path = needed_folder(self.ctx, cfg.dmd.teacher_from, "dmd.teacher_from") / MODEL_DIR
+        student = load_student(needed_folder(self.ctx, cfg.dmd.generator_from, "dmd.generator_from") / STUDENT_DIR,
+                               torch_dtype=torch.float32).train()
+        critic = load_teacher(teacher_path).train()
+        student.requires_grad_(True)
+        critic.requires_grad_(True)
+        if cfg.lora.rank > 0:
+            for model in (student, critic):
+                add_lora(model.transformer, cfg.lora)
+                only_lora_trainable(model)
+        student.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
+        critic.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
+        real = place_frozen(load_teacher(teacher_path), cfg, self.env)
+        return SelfForcingGenerator(student, lockstep=cfg.deepspeed.zero_stage == 3), critic, real
+
+    def _geometry(self, student) -> None:
+        """Latent shape of a shot and its chunk count, from the prepared data and the codec."""
+        data = PreparedData(prepared_dir(self.cfg))
+        self.prepared = data
+        frames = self.codec.latent_frames(data.shot_frames)
+        self.height = self.cfg.data.height // self.codec.spatial_factor
+        self.width = self.cfg.data.width // self.codec.spatial_factor
+        chunk = student.settings.chunk_frames
+        if frames % chunk:
+            raise ValueError(f"shots of {frames} latent frames (data.shot_frames={data.shot_frames}) are not a "
+                             f"whole number of {chunk}-frame chunks")
+        self.chunks = frames // chunk
+        s = student.settings
+        self.context_fn = latent_context_fn(s.context_strategy, s.context_frames) \
+            if self.cfg.dmd.context_from == "latents" else ReencodedContext(self.codec, s.context_strategy,
+                                                                             s.context_frames)
+
+    def _negative(self) -> torch.Tensor:
+        """[L, D] embedding of sampler.negative_prompt (the unconditional text), encoded on the CPU
+        once: the UMT5-XXL encoder would otherwise claim ~11 GB of GPU memory for a single prompt."""
+        encoder = build_text_encoder(self.cfg.text_encoder, "cpu")
+        text = join_text(encoder.encode([self.cfg.sampler.negative_prompt]), self.prepared.text_len)
+        return text.to(self.env.device, self.dtype)
+
+    # ---- run ------------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        cfg, env = self.cfg, self.env
+        generator, critic, self.real = self.build()
+        self.codec = build_codec(cfg.codec, env.device)
+        self._geometry(generator.student)
+        self.negative = self._negative() if cfg.dmd.guidance != 0 or cfg.sampler.guidance_scale != 1 else None
+        self.media = MediaLog(self.ctx.tb_dir, Path(self.ctx.stage_dir).name, env.is_main, cfg.logging.tensorboard)
+        self.exit_steps: list[int] = []
+        scores = self.evaluate(generator.student.to(env.device), "before", teacher=True)
+        data = prompt_stream(cfg, env.rank, env.world_size, cfg.dmd.shots) if self.inter \
+            else shot_stream(cfg, env.rank, env.world_size)
+        self.ema = EMA(generator, cfg.dmd.ema_decay, cfg.dmd.ema_start)
+        models = [TrainedModel("generator", generator, cfg.dmd.generator_every, after_update=self.ema.update),
+                  TrainedModel("critic", critic)]
+        self.trainer = Trainer(cfg, self.ctx, models, data, self.step, extra_state={"ema": self.ema})
+        for engine in (*self.trainer.engines.values(), self.real):
+            register_direct_params(engine)
+        try:
+            metrics = self.trainer.fit()
+        finally:
+            self.media.close()
+        engine = self.trainer.engines["generator"]
+        export_generator(engine, self.ema, Path(self.ctx.stage_dir) / STUDENT_DIR, cfg, env)
+        from distill.stages.causal_init import gathered
+        with gathered(engine):
+            scores.update(self.evaluate(engine.module.student, "after"))
+        if scores:
+            from distill.stages.teacher import log_final
+            log_final(self.ctx, cfg, scores)
+        return {**metrics, **scores}
+
+    def evaluate(self, student, when: str, teacher: bool = False) -> dict[str, float]:
+        """Multi-shot colour consistency of the student (and once of the teacher)."""
+        from distill.multishot_eval import multishot_colour, student_rollout, teacher_rollout
+
+        cfg, env = self.cfg, self.env
+        shots = cfg.dmd.shots  # both stages score the same multi-shot prompts, so they compare
+        try:
+            prompts = PromptDataset(prepared_dir(cfg), shots)
+        except ValueError:
+            return {}
+        if cfg.dmd.eval_videos == 0 or not prompts.records[0].get("facts"):
+            return {}
+        count, seed = cfg.dmd.eval_videos, cfg.run.seed
+        rollout = student_rollout(student, self.chunks, self.height, self.width, self.context_fn)
+        out = {f"student_{k}_{when}": v for k, v in
+               multishot_colour(rollout, prompts, count, self.codec, seed, env, self.dtype).items()}
+        if teacher:
+            shape = (student.latent_channels, self.chunks * student.settings.chunk_frames, self.height, self.width)
+            negative = None if cfg.sampler.guidance_scale == 1.0 else self.negative[None]
+            rollout = teacher_rollout(self.real, shape, cfg.sampler, negative, self.context_fn)
+            out.update({f"teacher_{k}": v for k, v in
+                        multishot_colour(rollout, prompts, count, self.codec, seed, env, self.dtype).items()})
+        return out
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _prompts(self, batch: dict) -> tuple[list[torch.Tensor], tuple | None]:
+        """The shots' texts [B, L, D] and the first shot's context (ground truth in dmd_intra)."""
+        device = self.env.device
+        if self.inter:
+            return list(batch["texts"].to(device).unbind(1)), None
+        if batch["context"].shape[2] == 0:
+            return [batch["text"].to(device)], None
+        return [batch["text"].to(device)], (batch["context"].to(device), batch["context_text"].to(device),
+                                            batch["context_shot"].to(device))
+
+    def _ground_truth_context(self, batch: dict, shot: int) -> tuple:
+        """The records' ground-truth history before `shot` (dmd_inter), picked by the student's rule."""
+        data, s = self.prepared, self.trainer.engines["generator"].module.student.settings
+        by_id = {r["id"]: r for r in data.records}
+        records = [by_id[i] for i in batch["record"]]
+        picks = sample_context([data.shot_frames] * shot, s.context_strategy, s.context_frames)
+        context = torch.stack([data.context_latents(r, picks) for r in records])
+        texts = torch.stack([torch.stack([data.shot_text(r, k) for k, _ in picks]) for r in records])
+        return context, texts, torch.tensor([k for k, _ in picks], dtype=torch.long)
+
+    def _score_kwargs(self, shot, batch: dict, k: int) -> dict:
+        """Context arguments of the real score and the critic for shot k."""
+        context = (shot.context, shot.context_text, shot.context_shots)
+        if self.inter and k > 0 and self.cfg.dmd.score_context == "ground_truth":
+            context = self._ground_truth_context(batch, k)
+        if context[0] is None:
+            return {}
+        device = self.env.device
+        return {"context": context[0].to(device, self.dtype), "context_text": context[1].to(device, self.dtype),
+                "context_shots": context[2].to(device)}
+
+    def step(self, batch: dict, due: frozenset, step: int) -> dict[str, torch.Tensor]:
+        """Rollout, then the critic's loss (every step) and the generator's DMD loss (when due)."""
+        cfg, dmd, device = self.cfg, self.cfg.dmd, self.env.device
+        gen_engine, critic = self.trainer.engines["generator"], self.trainer.engines["critic"]
+        exit_step = draw_exit_step(cfg.run.seed, step, len(gen_engine.module.student.settings.denoising_steps))
+        texts, first = self._prompts(batch)
+        with torch.set_grad_enabled("generator" in due):
+            shots = rollout_shots(gen_engine(texts, self.chunks, exit_step, self.height, self.width,
+                                             first_context=first, context_fn=self.context_fn))
+        timesteps = lambda b: draw_timesteps(b, dmd.timestep_shift, dmd.min_t, dmd.max_t, device=device)  # noqa: E731
+        gen_losses, norms, critic_losses = [], [], []
+        for k, shot in enumerate(shots):
+            kwargs, text = self._score_kwargs(shot, batch, k), shot.text.to(self.dtype)
+            real = lambda x_t, t: self.real(x_t.to(self.dtype), t, text, **kwargs)  # noqa: E731
+            fake = lambda x_t, t: critic(x_t.to(self.dtype), t, text, **kwargs)  # noqa: E731
+            uncond = None
+            if dmd.guidance != 0:
+                neg = self.negative.expand(text.shape[0], -1, -1)
+                uncond = lambda x_t, t: self.real(x_t.to(self.dtype), t, neg, **kwargs)  # noqa: E731
+            if "generator" in due:
+                g = generator_loss(shot.x, real, fake, timesteps(text.shape[0]), torch.randn_like(shot.x),
+                                   uncond, dmd.guidance)
+                gen_losses.append(g.loss)
+                norms.append(g.grad_norm)
+            critic_losses.append(critic_loss(fake, shot.x, timesteps(text.shape[0]), torch.randn_like(shot.x)))
+        out = {"critic": torch.stack(critic_losses).mean(), "exit_step": torch.tensor(float(exit_step))}
+        if gen_losses:
+            out["generator"] = torch.stack(gen_losses).mean()
+            out["dmd_grad_norm"] = torch.stack(norms).mean()
+        self._media(step, exit_step, shots)
+        return out
+
+    def _media(self, step: int, exit_step: int, shots) -> None:
+        """Exit-step histogram every logging window; a GIF of the first row every dmd.sample_every."""
+        self.exit_steps.append(exit_step)
+        logged = step + 1  # the trainer logs step k after k updates
+        if logged % self.cfg.logging.every == 0:
+            steps = len(self.trainer.engines["generator"].module.student.settings.denoising_steps)
+            self.media.histogram(logged, "exit_step", torch.tensor(self.exit_steps), steps)
+            self.exit_steps = []
+        every = self.cfg.dmd.sample_every
+        if every and logged % every == 0 and self.env.is_main:
+            latents = torch.cat([s.x[:1].detach().float() for s in shots], dim=2)
+            frames = pixels_to_uint8(self.codec.decode(latents)[0].cpu())
+            self.media.gif(logged, "rollout", frames, self.cfg.data.fps)
+
+
+class DMDIntraStage(DMDStage):
+    """Recipe `stage: dmd_intra` (stage 1, intra-shot Self Forcing)."""
+
+    folder = "dmd-intra"
+    inter = False
+
+
+class DMDInterStage(DMDStage):
+    """Recipe `stage: dmd_inter` (stage 2, inter-shot Self Forcing on generated history)."""
+
+    folder = "dmd-inter"
+    inter = True
