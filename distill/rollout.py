@@ -115,6 +115,9 @@ class SelfForcingGenerator(nn.Module):
         # when another rank's shot has one (intra-shot batches differ in history length per rank).
         self.lockstep = lockstep
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        return self.student.external_parameters()
+
     def forward(self, texts: Sequence[torch.Tensor], chunks: int, exit_step: int | None, height: int,
                 width: int, first_context: tuple | None = None, context_fn: ContextFn | None = None,
                 generator: torch.Generator | None = None) -> list[dict]:

@@ -107,7 +107,21 @@ def build_engine(model: TrainedModel, cfg: DictConfig, stage_dir: Path, env) -> 
     module = model.module.to(env.device)
     optimizer = _client_optimizer(module, cfg.optim[model.name], cfg.deepspeed.offload_optimizer)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
+    register_external_parameters(engine)
     return engine
+
+
+def register_external_parameters(engine) -> None:
+    """ZeRO-3 gathers a parameter only inside its owning module's forward; a model that reads some
+    as attributes elsewhere lists them in `external_parameters()`, and registering them with the
+    engine's top module keeps them gathered for its whole forward and backward."""
+    if engine.zero_optimization_stage() != 3:
+        return
+    import deepspeed
+
+    external = getattr(engine.module, "external_parameters", None)
+    for param in external() if external is not None else ():
+        deepspeed.zero.register_external_parameter(engine.module, param)
 
 
 def place_frozen(module: torch.nn.Module, cfg: DictConfig, env) -> Any:
@@ -126,6 +140,7 @@ def place_frozen(module: torch.nn.Module, cfg: DictConfig, env) -> Any:
               "bf16": {"enabled": bool(ds.bf16 and env.cuda)}}
     engine, *_ = deepspeed.initialize(model=module.to(env.device), config=config)
     engine.eval()
+    register_external_parameters(engine)
     return engine
 
 

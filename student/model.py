@@ -230,6 +230,12 @@ class CausalStudent(nn.Module):
         return self.run(noisy, timesteps, positions, text_kv, frame_text, attn, marked=marked, out_frames=frames)
 
     # ---- export helpers -------------------------------------------------------------------------
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters used outside their owning module's forward: the backbone's modulation tables
+        and the learnable shot indicator (ZeRO-3 must gather them for the whole pass)."""
+        extra = [] if self.shot_indicator is None else [self.shot_indicator]
+        return self.backbone.direct_parameters() + extra
+
     def settings_dict(self) -> dict:
         """The settings as plain JSON values."""
         return json.loads(json.dumps(asdict(self.settings)))

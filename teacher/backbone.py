@@ -108,6 +108,11 @@ class WanBackbone:
         self.num_layers = cfg.num_layers
         self.gradient_checkpointing = False
 
+    def direct_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters this adapter reads as attributes, outside the forward of the module owning
+        them (the modulation tables): ZeRO-3 must gather them for the whole pass."""
+        return [self.wan.scale_shift_table, *(block.scale_shift_table for block in self.wan.blocks)]
+
     # ---- inputs -------------------------------------------------------------------------
     def check_latents(self, name: str, latents: torch.Tensor) -> TokenGrid:
         """Validate [B, C, F, H, W] latents against in_channels and the patch size; return the grid."""

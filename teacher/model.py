@@ -111,6 +111,10 @@ class NextShotTeacher(nn.Module):
             (tmp / SETTINGS_FILE).write_text(json.dumps(self.settings(), indent=2) + "\n")
 
     # ---- training switches -----------------------------------------------------------------
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters used outside their owning module's forward (see WanBackbone.direct_parameters)."""
+        return self.backbone.direct_parameters()
+
     def set_trainable(self) -> list[str]:
         """Set requires_grad per `trainable` and return the trainable parameter names.
 

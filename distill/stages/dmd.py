@@ -88,21 +88,6 @@ def export_generator(engine, ema: EMA, folder: Path, cfg: DictConfig, env) -> No
     barrier()
 
 
-def register_direct_params(engine) -> None:
-    """ZeRO-3: the backbone reads the modulation tables (and the student its shot indicator) as
-    attributes, outside the forward of the module that owns them, where ZeRO-3's hooks would never
-    gather them; registering them with the engine's top module gathers them for its whole forward
-    and backward."""
-    if not hasattr(engine, "zero_optimization_stage") or engine.zero_optimization_stage() != 3:
-        return
-    import deepspeed
-
-    top = engine.module
-    for name, param in top.named_parameters():
-        if name.endswith("scale_shift_table") or name.endswith("shot_indicator"):
-            deepspeed.zero.register_external_parameter(top, param)
-
-
 class DMDStage:
     """Shared by both DMD stages; subclasses set `folder` and `inter`."""
 
@@ -191,8 +176,6 @@ class DMDStage:
         models = [TrainedModel("generator", generator, cfg.dmd.generator_every, after_update=self.ema.update),
                   TrainedModel("critic", critic)]
         self.trainer = Trainer(cfg, self.ctx, models, data, self.step, extra_state={"ema": self.ema})
-        for engine in (*self.trainer.engines.values(), self.real):
-            register_direct_params(engine)
         try:
             metrics = self.trainer.fit()
         finally:
