@@ -38,6 +38,15 @@ def subprocess_env(extra_env: dict | None = None) -> dict:
     return env
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny ops: one thread avoids OpenMP spin-waiting on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_recipe(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path

@@ -30,13 +30,7 @@ SCENE_METRICS = {"intra_change", "cut_accuracy", "cut_count_accuracy", "fps", "l
 FACT_METRICS = {"identity_match", "inter_identity", "motion_adherence", "colour_consistency"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread avoids OpenMP spin-waiting on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _recipe(path, stage, **extra):

@@ -23,13 +23,7 @@ WORDS = "a red blue circle square turns left right wide close-up both meet".spli
 PROMPTS = ["a red circle turns left", "wide both circles meet", "close-up a blue square"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread avoids OpenMP spin-waiting on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

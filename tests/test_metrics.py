@@ -20,12 +20,7 @@ LENGTHS = [12, 12, 12]
 SEED = 1  # positions drawn with this seed keep the two characters apart in every frame
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def render(plans: list[ScenePlan], seed: int = SEED) -> tuple[torch.Tensor, dict]:

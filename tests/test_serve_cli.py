@@ -22,13 +22,7 @@ RECIPE = {"stage": "causal_init", "run": {"name": "r"}, "codec": {"kind": "patch
 SHOTS = ["wide: a red circle moves", "close-up: a blue square stays still"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread avoids OpenMP spin-waiting on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stage(run, name, student, done=True):
