@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from distill.metrics import SceneSettings, score_video
+from teacher.encoders import DTYPES
 
 FACT_METRICS = ("identity_match", "inter_identity", "motion_adherence", "colour_consistency")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)

@@ -53,10 +53,9 @@ from student.export import load_student, read_export
 from student.model import CausalStudent
 from student.sampling import ChunkStream
 from teacher.context import candidate_frames, sample_context
-from teacher.encoders import (Codec, PatchCodec, T5TextEncoder, WanVAECodec, join_text, pixels_from_uint8,
+from teacher.encoders import (DTYPES, Codec, PatchCodec, T5TextEncoder, WanVAECodec, join_text, pixels_from_uint8,
                               pixels_to_uint8, text_length)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)

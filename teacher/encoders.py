@@ -25,6 +25,9 @@ from typing import Sequence
 
 import torch
 
+# Recipe/export dtype names -> torch dtypes (codecs, text encoders, shards, students).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 # --------------------------------------------------------------------------- pixels
 

@@ -15,10 +15,9 @@ from distill.data.datasets import PromptDataset, ShotDataset
 from distill.data.stream import DataStream
 from distill.data.synth import SynthSettings
 from distill.data.world import grammar_texts
-from teacher.encoders import (Codec, PatchCodec, T5TextEncoder, WanVAECodec, build_tiny_t5,
+from teacher.encoders import (DTYPES, Codec, PatchCodec, T5TextEncoder, WanVAECodec, build_tiny_t5,
                               vocabulary_of)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def prepared_dir(cfg: DictConfig) -> Path:

@@ -25,9 +25,8 @@ from distill.data.manifest import BadRecord, Record, Skip, read_manifest
 from distill.data.shards import INDEX, REPORT, read_json, shard_name, write_json, write_shard
 from distill.data.shots import load_shots
 from teacher.context import candidate_frames
-from teacher.encoders import Codec, T5TextEncoder, pixels_from_uint8
+from teacher.encoders import DTYPES, Codec, T5TextEncoder, pixels_from_uint8
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
