@@ -42,3 +42,19 @@ def make_tiny_wan(folder: str | Path | None = None, seed: int = 0, **overrides):
     if folder is not None:
         model.save_pretrained(str(folder))
     return model
+
+
+TEXT_DIM = tiny_wan_config()["text_dim"]
+
+
+def student_inputs(frames: int, context_frames: int = 4, batch: int = 2, seed: int = 0, grad: bool = False):
+    """Random (x, per-frame t, text, context, context_text) for the tiny Wan: the context holds two
+    shots (2 frames, then the rest), so per-frame caption grouping is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, frames, 4, 4, generator=gen)
+    context = torch.randn(batch, 4, context_frames, 4, 4, generator=gen)
+    text = torch.randn(batch, 5, TEXT_DIM, generator=gen)
+    shot_a, shot_b = torch.randn(2, batch, 1, 5, TEXT_DIM, generator=gen)
+    context_text = torch.cat([shot_a.expand(-1, 2, -1, -1), shot_b.expand(-1, context_frames - 2, -1, -1)], 1)
+    t = torch.rand(batch, frames, generator=gen) * 1000
+    return x.requires_grad_(grad), t, text, context, context_text

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-from helpers import make_tiny_wan
+from helpers import make_tiny_wan, student_inputs
 
 from student.model import CausalStudent
 from student.sampling import ChunkStream
 from teacher import NextShotTeacher
 
-TEXT_DIM = 24  # tests/helpers.tiny_wan_config text_dim
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +16,8 @@ def student():
                                       context_frames=4)
 
 
-def _inputs(frames=12, context_frames=4, batch=2, seed=0, grad=False):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, frames, 4, 4, generator=gen)
-    context = torch.randn(batch, 4, context_frames, 4, 4, generator=gen)
-    text = torch.randn(batch, 5, TEXT_DIM, generator=gen)
-    shot_a, shot_b = torch.randn(2, batch, 1, 5, TEXT_DIM, generator=gen)
-    context_text = torch.cat([shot_a.expand(-1, 2, -1, -1), shot_b.expand(-1, context_frames - 2, -1, -1)], 1)
-    t = torch.rand(batch, frames, generator=gen) * 1000
-    return x.requires_grad_(grad), t, text, context, context_text
+def _inputs(frames=12, **kwargs):
+    return student_inputs(frames, **kwargs)
 
 
 def _stream(stream, x, t, text, context, context_text, commit_grad=False):

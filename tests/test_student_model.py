@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from helpers import make_tiny_wan
+from helpers import make_tiny_wan, student_inputs
 
 from student.model import CausalStudent
 from teacher import NextShotTeacher
 
-TEXT_DIM = 24  # tests/helpers.tiny_wan_config text_dim
 
 
 @pytest.fixture(scope="module")
@@ -15,15 +14,8 @@ def teacher():
     return NextShotTeacher(make_tiny_wan())
 
 
-def _inputs(frames=9, context_frames=4, batch=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, frames, 4, 4, generator=gen)
-    context = torch.randn(batch, 4, context_frames, 4, 4, generator=gen)
-    text = torch.randn(batch, 5, TEXT_DIM, generator=gen)
-    shot_a, shot_b = torch.randn(2, batch, 1, 5, TEXT_DIM, generator=gen)
-    context_text = torch.cat([shot_a.expand(-1, 2, -1, -1), shot_b.expand(-1, context_frames - 2, -1, -1)], 1)
-    t = torch.rand(batch, frames, generator=gen) * 1000
-    return x, t, text, context, context_text
+def _inputs(frames=9, **kwargs):
+    return student_inputs(frames, **kwargs)
 
 
 def test_one_chunk_without_context_is_the_teacher(teacher):
