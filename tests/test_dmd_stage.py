@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, shotdistill
+from conftest import REPO, free_port, shotdistill
 from distill import checkpoint
 from distill.dmd import generator_loss
 from distill.logging import read_scalars
 from distill.models import load_teacher
 from distill.rollout import SelfForcingGenerator, shots
-from distill.runner import DONE, plan, run_recipe
+from distill.runner import DONE, plan
 from distill.stages.causal_init import build_student
 from distill.stages.dmd import DMDInterStage, add_lora, only_lora_trainable
 from student.export import export_student, load_student
@@ -97,12 +97,20 @@ def _losses(run: Path, stage: str, name: str) -> dict[int, float]:
 
 
 class KillAt(DMDInterStage):
-    """dmd_inter that SIGKILLs itself at a given step (after the checkpoint before it)."""
+    """dmd_inter whose rank SHOTDISTILL_CI_KILL_RANK SIGKILLs itself when step SHOTDISTILL_CI_KILL_AT
+    starts (after the checkpoint before it)."""
 
     def step(self, batch, due, step):
-        if step == int(os.environ["SHOTDISTILL_CI_KILL_AT"]):
+        if step == int(os.environ["SHOTDISTILL_CI_KILL_AT"]) and \
+                self.env.rank == int(os.environ["SHOTDISTILL_CI_KILL_RANK"]):
             os.kill(os.getpid(), signal.SIGKILL)
         return super().step(batch, due, step)
+
+
+def _launch(recipe: Path, cwd: Path, overrides: list[str], env: dict | None = None):
+    """`shotdistill launch RECIPE --nproc 2` on a free port."""
+    return shotdistill(["launch", str(recipe), "--nproc", "2", "--master", f"127.0.0.1:{free_port()}",
+                        *overrides], cwd, env, timeout=400)
 
 
 @pytest.mark.slow
@@ -110,9 +118,8 @@ def test_two_ranks_zero3_intra_then_inter(dmd_world, tmp_path):
     """`shotdistill launch dmd-inter.yaml --nproc 2 deepspeed.zero_stage=3`: dmd-intra runs first, both
     log finite generator and critic losses and export a student; dmd-inter's GIF summaries exist."""
     out = _fresh(dmd_world, tmp_path / "out")
-    args = ["launch", str(INTER), "--nproc", "2", *WORLD, *STEPS, f"run.out={out}", "deepspeed.zero_stage=3",
-            "train.steps=2", "dmd.sample_every=1", "train.micro_batch=1"]
-    done = shotdistill(args, tmp_path, timeout=400)
+    done = _launch(INTER, tmp_path, [*WORLD, *STEPS, f"run.out={out}", "deepspeed.zero_stage=3", "train.steps=2",
+                                     "dmd.sample_every=1", "train.micro_batch=1"])
     assert done.returncode == 0, done.stderr[-3000:]
     for stage in ("dmd-intra", "dmd-inter"):
         run = out / "tiny"
@@ -128,25 +135,33 @@ def test_two_ranks_zero3_intra_then_inter(dmd_world, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill9_resume_is_bit_identical_with_ema_and_only_lora_changes(dmd_world, tmp_path):
-    """ZeRO-2: killed at step 3 (checkpoint at 2) and resumed, dmd-inter logs the same generator and
-    critic losses as an uninterrupted run and exports the same EMA student; LoRA leaves base weights."""
-    overrides = WORLD + STEPS + ["dmd.ema_decay=0.5", "logging.progress=false"]
+def test_two_ranks_zero2_kill9_resume_is_bit_identical_with_ema_and_only_lora_changes(dmd_world, tmp_path):
+    """2 gloo ranks, ZeRO-2: rank 1 killed as step 2 starts (checkpoint at 2) and resumed, dmd-inter logs
+    the same finite generator and critic losses as an uninterrupted 2-rank run and exports the same
+    EMA student; LoRA leaves base weights."""
+    # generator updates at steps 0 and 2: the EMA starts at 0, so the checkpoint holds it and the
+    # resumed step 2 averages into the restored EMA (a lost EMA would export step 2's weights)
+    overrides = WORLD + STEPS + ["train.steps=3", "dmd.ema_decay=0.5", "dmd.ema_start=0", "logging.progress=false",
+                                 "deepspeed.zero_stage=2"]
     ref = _fresh(dmd_world, tmp_path / "ref", intra=True)
     intra_done = ref / "tiny" / "dmd-intra"
     cut = _fresh(dmd_world, tmp_path / "cut", intra=True)
-    run_recipe(INTER, overrides + [f"run.out={ref}"])
+    done = _launch(INTER, tmp_path, overrides + [f"run.out={ref}"])
+    assert done.returncode == 0, done.stderr[-3000:]
     recipe = tmp_path / "kill.yaml"
     recipe.write_text(f"base: {INTER}\nstage: test_dmd_stage:KillAt\nneeds: [{TINY / 'teacher.yaml'}, "
                       f"{TINY / 'dmd-intra.yaml'}]\n")
-    killed = shotdistill(["run", str(recipe), *overrides, f"run.out={cut}"], tmp_path,
-                         {"SHOTDISTILL_CI_KILL_AT": "3"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    killed = _launch(recipe, tmp_path, overrides + [f"run.out={cut}"],
+                     {"SHOTDISTILL_CI_KILL_AT": "2", "SHOTDISTILL_CI_KILL_RANK": "1"})
+    # torchrun lists every failed rank; the one that must be there is the SIGKILLed rank 1
+    assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-3000:]
     assert [s for s, _ in checkpoint.committed(cut / "tiny" / "dmd-inter" / "checkpoints")] == [2]
-    run_recipe(INTER, overrides + [f"run.out={cut}"])
+    resumed = _launch(INTER, tmp_path, overrides + [f"run.out={cut}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     for name in ("generator", "critic"):
         reference = _losses(ref / "tiny", "dmd-inter", name)
-        assert len(reference) == (2 if name == "generator" else 4)
+        assert sorted(reference) == ([1, 3] if name == "generator" else [1, 2, 3])
+        assert all(torch.isfinite(torch.tensor(v)) for v in reference.values()), name
         assert _losses(cut / "tiny", "dmd-inter", name) == reference
     exported = [load_file(r / "tiny" / "dmd-inter" / "student" / "transformer" / "diffusion_pytorch_model.safetensors")
                 for r in (ref, cut)]
