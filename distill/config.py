@@ -14,6 +14,8 @@ one. Stage-specific sections live beside the core ones at the end of this file.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List
@@ -300,6 +302,9 @@ class EvalConfig:
                       "student (exported into the stage folder)")
     prompts: str = key("", "JSONL of {global_caption, shots: [{caption}], facts?}; '' = the prepared records")
     videos: int = key(4, "prompts evaluated: the first N (0: all)")
+    stages: List[str] = key([], "stage folders of the run also evaluated, each on the same prompts and seeds "
+                            "(students exported, the teacher sampled shot by shot); unfinished ones are "
+                            "skipped with the reason (distill/stage_eval.py)")
     dtype: str = choice("float32", ("float32", "bfloat16", "float16"), "dtype the student generates in")
     cut_ratio: float = key(3.0, "a cut's label change must be this many times the median change beside it")
     cut_min_change: float = key(0.01, "fraction of pixels whose palette label must change at a cut")
@@ -390,9 +395,12 @@ def _one_line(e: OmegaConfBaseException) -> str:
     return f"{full_key}: {msg}" if full_key else msg
 
 
+@functools.lru_cache(maxsize=1)
 def schema() -> DictConfig:
+    """The read-only structured schema; built once per process (merging copies it, never changes it)."""
     cfg = OmegaConf.structured(Recipe)
     OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
@@ -406,15 +414,29 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
         _mark_missing(cfg, data)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_one_line(e)}") from None
+    cfg = _apply_overrides(cfg, list(overrides))
+    validate(cfg, source=str(path))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """Merge `key=value` overrides in one pass (every merge copies the whole tree); when that fails,
+    merge them one at a time so the error names the override at fault."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
+    if not overrides:
+        return cfg
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException:
+        pass
+    for item in overrides:
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {item!r}: {_one_line(e)}") from None
-    validate(cfg, source=str(path))
-    OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
@@ -463,8 +485,12 @@ def _walk(cls: type, node: Any, prefix: str = ""):
 
 
 def _resolve_type(cls: type, f: dataclasses.Field) -> Any:
-    import typing
-    return typing.get_type_hints(cls).get(f.name)
+    return _type_hints(cls).get(f.name)
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
 
 
 def key_docs() -> list[tuple[str, Any, str]]:
