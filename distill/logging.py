@@ -3,13 +3,19 @@
 Tags are `<stage>/<name>`, events go to `<run>/tb/<stage>/`. A resumed stage reopens the same
 folder with `purge_step` = the first step it will redo, so TensorBoard drops what the interrupted
 run logged past its last checkpoint and the curves continue without a fork.
+
+At stage start the runner adds the stage's resolved recipe as HParams session info and one
+custom-scalars layout (`write_run_info`) to the same folder, so every stage folder is one
+TensorBoard run that the HParams tab compares and the Custom Scalars tab groups by stage.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 class StageLogger:
@@ -61,9 +67,10 @@ class StageLogger:
 
 def _wait_past_existing_events(tb_dir: Path) -> None:
     """TensorBoard reads event files in name order, and names start with the creation second:
-    a restart within the same second as the previous writer would sort before it."""
+    a restart within the same second as the previous writer would sort before it. Run-info files
+    hold only step-0 summaries, which no purge touches, so their order does not matter."""
     stamps = [int(p.name.split(".")[3]) for p in tb_dir.glob("events.out.tfevents.*")
-              if p.name.split(".")[3].isdigit()]
+              if p.name.split(".")[3].isdigit() and not p.name.endswith(RUN_INFO_SUFFIX)]
     while stamps and int(time.time()) <= max(stamps):
         time.sleep(0.05)
 
@@ -76,3 +83,103 @@ def read_scalars(tb_dir: Path, tag: str) -> dict[int, float]:
     if tag not in acc.Tags()["scalars"]:
         return {}
     return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+# ---------------------------------------------------------------- HParams and custom scalars
+
+RUN_INFO_SUFFIX = ".runinfo"  # event files holding only the step-0 run info (write_run_info)
+# Keys naming places on this machine: the same recipe run elsewhere must compare equal.
+MACHINE_KEYS = frozenset({"run.out", "resume", "data.manifest", "data.prepared", "eval.export",
+                          "eval.prompts"})
+
+
+def recipe_hparams(cfg) -> dict[str, bool | int | float | str]:
+    """The resolved recipe as HParams values under dotted keys: scalars as they are, lists as JSON
+    strings; MACHINE_KEYS, every `*.path` and unset (None) values are left out."""
+    from omegaconf import OmegaConf
+
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, f"{name}.")
+            elif value is None or name in MACHINE_KEYS or key == "path":
+                continue
+            else:
+                out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else value
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def session_start_summary(hparams: dict[str, bool | int | float | str]):
+    """The HParams plugin's session-start summary of `hparams`. Only this one of torch's three
+    summaries is written: an Experiment summary in any run makes TensorBoard show that one run's
+    hparams and metrics for the whole logdir; without one it derives the hparams from every run's
+    session info and the metrics from every scalar tag of those runs (each run's last value)."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    _, start, _ = hparams_summaries(dict(hparams), {})
+    # torch tests int before bool, so True would read as the number 1.
+    plugin = start.value[0].metadata.plugin_data
+    data = HParamsPluginData.FromString(plugin.content)
+    for name, value in hparams.items():
+        if isinstance(value, bool):
+            data.session_start_info.hparams[name].bool_value = value
+    data.session_start_info.start_time_secs = time.time()
+    plugin.content = data.SerializeToString()
+    return start
+
+
+def _charts(folder: str, charts: dict[str, list[str]]) -> dict[str, list]:
+    """Multiline charts of one stage folder (a plain name); each pattern follows `^<folder>/`."""
+    return {title: ["Multiline", [f"^{folder}/{p}" for p in patterns]] for title, patterns in charts.items()}
+
+
+def custom_scalars_layout() -> dict[str, dict[str, list]]:
+    """One layout for every run: a category per stage folder, charts of tag regexes (TensorBoard
+    applies `re.match` to every run's tags, so one layout serves all runs and ablations)."""
+    dmd = {"generator loss": ["generator/loss$"], "critic loss": ["critic/loss$"],
+           "grad norms": ["(generator|critic)/grad_norm$", "dmd_grad_norm$"],
+           "learning rates": ["(generator|critic)/lr$"], "exit step": ["exit_step$"],
+           "colour consistency": ["(student|teacher)_colour_"]}
+    return {
+        "prepare": _charts("prepare", {"records": [""]}),
+        "teacher": _charts("teacher", {
+            "loss": ["teacher/loss$"], "loss by timestep": [r"loss_t\d+-\d+$"],
+            "grad norm": ["teacher/grad_norm$"], "learning rate": ["teacher/lr$"],
+            "context used": ["context_used$"], "colour consistency": ["eval_colour_"]}),
+        "causal-init": _charts("causal-init", {
+            "loss": ["student/loss$"], "grad norm": ["student/grad_norm$"],
+            "learning rate": ["student/lr$"],
+            "distance to the teacher": ["eval_distance_", "eval_first_step_"]}),
+        "ode-pairs": _charts("ode-pairs", {"pairs and shards": [""]}),
+        "dmd-intra": _charts("dmd-intra", dmd),
+        "dmd-inter": _charts("dmd-inter", dmd),
+        # eval/<metric> of the final student and eval/<stage>/<metric> of each stage in eval.stages
+        "eval": _charts("eval", {"throughput": ["([^/]+/)?(fps|latency_s)$"],
+                                 "scores": ["([^/]+/)?(?!(fps|latency_s)$)[^/]+$"]}),
+        "every stage": {"step time": ["Multiline", [r"^[^/]+/step_time$"]],
+                        "samples per second": ["Multiline", [r"^[^/]+/samples_per_s$"]],
+                        "bad steps": ["Multiline", [r"^[^/]+/bad_steps$"]]},
+    }
+
+
+def write_run_info(tb_dir: Path, cfg, *, main: bool) -> None:
+    """At stage start, on rank 0 when TensorBoard is on: the recipe's hyperparameters and the
+    custom-scalars layout into the stage's own run folder (a resume writes them again; TensorBoard
+    still shows one run and one session, keyed by the folder)."""
+    if not main or not cfg.logging.tensorboard:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    Path(tb_dir).mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(tb_dir), filename_suffix=RUN_INFO_SUFFIX)
+    try:
+        writer._get_file_writer().add_summary(session_start_summary(recipe_hparams(cfg)))
+        writer.add_custom_scalars(custom_scalars_layout())
+    finally:
+        writer.close()

@@ -100,6 +100,7 @@ class Runner:
 
     def _stage(self, node: Node) -> None:
         from distill.checkpoint import seed_all
+        from distill.logging import write_run_info
         from distill.stages.base import StageContext
         stage_dir = self.run_dir / node.folder
         finished = _done(stage_dir)
@@ -112,10 +113,14 @@ class Runner:
                            tb_dir=self.run_dir / "tb" / node.folder, env=self.env,
                            recipe=node.path,
                            needs={n.folder: self.run_dir / n.folder for n in node.needs if n.folder})
+        write_run_info(ctx.tb_dir, node.cfg, main=self.env.is_main)  # HParams + custom-scalars layout
         seed_all(node.cfg.run.seed)  # model init must match on every rank
         t0 = time.perf_counter()
-        metrics = node.cls(node.cfg, ctx).run()
+        stage = node.cls(node.cfg, ctx)
+        metrics = stage.run()
         record = {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 3)}
+        if getattr(stage, "summary_table", None):  # a stage's own table for the summary (eval: per stage)
+            record["table"] = stage.summary_table
         self.barrier()
         self._write(stage_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         self._write(stage_dir / DONE, json.dumps(record, indent=2) + "\n")  # last: marks finished
@@ -124,11 +129,14 @@ class Runner:
 
 
 def format_summary(summary: dict[str, dict]) -> str:
-    """One line per stage: folder, status, wall time, final metrics."""
+    """One line per stage: folder, status, wall time, final metrics (or, for a stage with a table of
+    its own, that table under the line)."""
     lines = []
     for folder, rec in summary.items():
         metrics = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in rec.get("metrics", {}).items())
+        if rec.get("table"):
+            metrics = "\n" + rec["table"].rstrip("\n")
         lines.append(f"{folder:<16} {rec['status']:<12} {rec.get('wall_s', 0):>9.1f}s  {metrics}")
     return "\n".join(lines)
 

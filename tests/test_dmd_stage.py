@@ -131,7 +131,7 @@ def test_two_ranks_zero3_intra_then_inter(dmd_world, tmp_path):
     acc = EventAccumulator(str(out / "tiny" / "tb" / "dmd-inter"), size_guidance={"images": 0, "histograms": 0})
     acc.Reload()
     assert acc.Images("dmd-inter/rollout")[0].encoded_image_string[:6] == b"GIF89a"
-    assert acc.Histograms("dmd-inter/exit_step")
+    assert acc.Histograms("dmd-inter/exit_steps")
 
 
 @pytest.mark.slow

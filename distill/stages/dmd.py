@@ -284,7 +284,8 @@ class DMDStage:
         logged = step + 1  # the trainer logs step k after k updates
         if logged % self.cfg.logging.every == 0:
             steps = len(self.trainer.engines["generator"].module.student.settings.denoising_steps)
-            self.media.histogram(logged, "exit_step", torch.tensor(self.exit_steps), steps)
+            # not "exit_step": that is the step's scalar, and one tag of two kinds breaks TensorBoard's HParams tab
+            self.media.histogram(logged, "exit_steps", torch.tensor(self.exit_steps), steps)
             self.exit_steps = []
         every = self.cfg.dmd.sample_every
         if every and logged % every == 0 and self.env.is_main:
