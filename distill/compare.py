@@ -6,7 +6,8 @@ Runs are the columns; the rows are, in order:
   "__") after the words every compared name starts with (tiny, tiny-indicator-none -> "(base)",
   "indicator-none"); and, for names of tokens joined by "__", every `key=value` token as an axis of
   its own (`tiny__indicator=none__stages=intra` has axes indicator and stages);
-- the evaluation metrics of `<run>/eval/metrics.json` (the eval stage's, or `shotdistill eval RUN`'s);
+- the evaluation metrics of `<run>/eval/metrics.json` (the eval stage's, or `shotdistill eval RUN`'s):
+  the final student's, then, when the eval stage scored `eval.stages`, each stage's as `<stage>/<metric>`;
 - the final losses of every finished stage: the `*loss*` entries of `<run>/<stage>/metrics.json`,
   as `<stage> <name>`, stages in the order they finished.
 
@@ -73,7 +74,8 @@ def run_summary(run: str | Path) -> dict:
             "eval": _read_metrics(metrics) if metrics.is_file() else None, "losses": final_losses(run)}
 
 
-def _cell(value) -> str:
+def format_cell(value) -> str:
+    """A table cell: 4 significant digits for floats, "–" for a missing value."""
     if value is None:
         return MISSING_CELL
     return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -98,7 +100,7 @@ def comparison_table(runs: list[str | Path]) -> str:
     losses = [s["losses"] for s in summaries]
     rows += [(k, [x.get(k) for x in losses]) for k in _union(losses)]
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {k} | " + " | ".join(_cell(v) for v in values) + " |" for k, values in rows]
+    lines += [f"| {k} | " + " | ".join(format_cell(v) for v in values) + " |" for k, values in rows]
     absent = [n for n, s in zip(names, summaries) if s["eval"] is None]
     if absent:
         lines += ["", f"No evaluation (`{EVAL_FOLDER}/metrics.json`) in: {', '.join(absent)}."]

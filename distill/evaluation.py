@@ -1,4 +1,4 @@
-"""Evaluate an exported student: generate the prompts' multi-shot videos, time them, score them.
+"""Evaluate a model that makes multi-shot videos: generate the prompts' videos, time them, score them.
 
 Each prompt is generated shot by shot by a `StreamingGenerator` on the export (global caption as its
 global prompt, seed `seed + i` for prompt i), exactly as serving runs it, with each shot at the
@@ -8,7 +8,8 @@ request to its first decoded chunk. Each video is scored by `distill.metrics.sco
 metrics only for prompts that carry facts) and, when configured, by a CLIP/DINO feature model
 (`distill.features`). Outputs, in the output folder: `samples/NNNN.mp4`, `report.json` (per video
 metrics and timings, the metrics skipped and why) and, when asked, TensorBoard scalars `eval/<name>`;
-the averaged metrics are returned (the caller writes them to `metrics.json`).
+the averaged metrics are returned (the caller writes them to `metrics.json`). Other model kinds (the
+teacher: distill/teacher_video.py) plug their own `VideoMaker` into the same `score_videos` loop.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -93,6 +95,10 @@ class Video:
     seconds: float
 
 
+# (prompt, seed) -> the prompt's multi-shot video, timed around generation only
+VideoMaker = Callable[[Prompt, int], Video]
+
+
 def generate_video(student, codec, text_encoder, video, prompt: Prompt, seed: int) -> Video:
     """All shots of `prompt`, streamed shot by shot; seconds count generation only."""
     from student.generator import StreamingGenerator
@@ -145,19 +151,31 @@ def evaluate(export: str | Path, prompts: list[Prompt], out: str | Path, ev, dev
     """Generate, time and score the prompts with the export (`ev`: the recipe's `eval` section), prompt
     i on rank i % world; rank 0 gathers the results, writes report.json (and, with tb_dir,
     TensorBoard scalars) and returns the means, other ranks return {}. Samples go to out/samples/."""
-    from distill.checkpoint import write_atomic
-    from distill.features import FeatureExtractor
     from student.export import load_student, read_export
     from student.generator import load_components
 
-    out = Path(out)
     info = read_export(export)
     codec, text, video = load_components(info.components, info.folder, device)
     student = load_student(info.folder, torch_dtype=DTYPES[ev.dtype]).to(device)
+    make = lambda prompt, s: generate_video(student, codec, text, video, prompt, s)  # noqa: E731
+    return score_videos(make, video.fps, prompts, out, ev, device, seed, tb_dir, rank, world,
+                        {"export": str(info.folder)})
+
+
+def score_videos(make: VideoMaker, fps: float, prompts: list[Prompt], out: str | Path, ev,
+                 device: str | torch.device, seed: int, tb_dir: Path | None, rank: int, world: int,
+                 source: dict) -> dict[str, float]:
+    """The scoring loop every model kind shares: `make(prompt, seed + i)` for this rank's prompts,
+    score, save the mp4 (at `fps`), gather; rank 0 writes report.json (`source` names the model) and
+    returns the means (other ranks {})."""
+    from distill.checkpoint import write_atomic
+    from distill.features import FeatureExtractor
+
+    out = Path(out)
     kind = ev.features.kind
     extractor = None if kind == "none" else FeatureExtractor(kind, ev.features.path, device, ev.features.batch)
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    mine = [_evaluate_one(i, prompts[i], (student, codec, text, video), extractor, ev, seed, out)
+    mine = [_evaluate_one(i, prompts[i], make, fps, extractor, ev, seed, out)
             for i in range(rank, len(prompts), world)]
     records = sorted(_gather(mine, world), key=lambda r: r["index"])
     if rank != 0:
@@ -165,7 +183,7 @@ def evaluate(export: str | Path, prompts: list[Prompt], out: str | Path, ev, dev
     frames = sum(sum(r["shot_frames"]) for r in records)
     metrics = {**mean_metrics([r["metrics"] for r in records]), "fps": frames / sum(r["seconds"] for r in records),
                "latency_s": statistics.median(r["first_chunk_s"] for r in records)}
-    report = {"export": str(info.folder), "device": str(device), "dtype": ev.dtype, "metrics": metrics,
+    report = {**source, "device": str(device), "dtype": ev.dtype, "metrics": metrics,
               "skipped": skipped_metrics(prompts, kind, metrics), "videos": records}
     write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     if tb_dir is not None:
@@ -173,17 +191,18 @@ def evaluate(export: str | Path, prompts: list[Prompt], out: str | Path, ev, dev
     return metrics
 
 
-def _evaluate_one(i: int, prompt: Prompt, model: tuple, extractor, ev, seed: int, out: Path) -> dict:
+def _evaluate_one(i: int, prompt: Prompt, make: VideoMaker, fps: float, extractor, ev, seed: int,
+                  out: Path) -> dict:
     """Generate, score and save prompt i; its report record."""
     from distill.features import feature_consistency
     from student.video import write_mp4
 
-    v = generate_video(*model, prompt, seed + i)
+    v = make(prompt, seed + i)
     scores = score_video(v.frames, v.shot_lengths, prompt.facts, scene_settings(ev))
     if extractor is not None:
         scores.update(feature_consistency(extractor.embed(v.frames), v.shot_lengths, extractor.kind))
     sample = out / "samples" / f"{i:04d}.mp4"
-    write_mp4(sample, v.frames.numpy(), model[3].fps)
+    write_mp4(sample, v.frames.numpy(), fps)
     return {"index": i, "id": prompt.id, "sample": str(sample.relative_to(out)), "shot_frames": v.shot_lengths,
             "first_chunk_s": v.first_chunk_s, "seconds": v.seconds, "metrics": scores}
 

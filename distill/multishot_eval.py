@@ -11,7 +11,7 @@ draws. Ranks split the prompts and sum their scores.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -32,22 +32,31 @@ def student_rollout(student, chunks: int, height: int, width: int, context_fn: C
                                                          context_fn=context_fn, generator=gen)]
 
 
+def teacher_shots(teacher, shape: tuple, sampler: DictConfig, negative: torch.Tensor | None,
+                  context_fn: ContextFn, texts: Iterable[torch.Tensor], gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """The teacher's shots, each clean latents [1, C, F, h, w] yielded as soon as it is sampled; shot k
+    is conditioned on `context_fn` of the shots before it. `texts` ([1, L, D] each) may be lazy, so a
+    caller can time each shot from its caption's encoding; shape = (C, F, h, w) of one shot."""
+    shots: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
+    for text in texts:
+        context, context_text, context_shots = context_fn(shots, seen)
+        extra = {} if context is None else {"context": context.to(text.dtype),
+                                            "context_text": context_text.to(text.dtype),
+                                            "context_shots": context_shots}
+        noise = draw_noise((1, *shape), gen, text.dtype, text.device)
+        denoise = lambda x, t, txt: teacher(x, t, txt, **extra)  # noqa: E731
+        shot = sample(denoise, text, noise, negative_text=negative, guidance_scale=sampler.guidance_scale,
+                      steps=sampler.steps, shift=sampler.shift).x0.float()
+        shots.append(shot)
+        seen.append(text)
+        yield shot
+
+
 def teacher_rollout(teacher, shape: tuple, sampler: DictConfig, negative: torch.Tensor | None,
                     context_fn: ContextFn) -> Rollout:
-    """The teacher's multi-shot rollout; shape = (C, F, h, w) of one shot's latents."""
-    def run(texts: list, gen: torch.Generator) -> list:
-        shots = []
-        for k, text in enumerate(texts):
-            context, context_text, context_shots = context_fn(shots, texts[:k])
-            extra = {} if context is None else {"context": context, "context_text": context_text,
-                                                "context_shots": context_shots}
-            noise = draw_noise((1, *shape), gen, text.dtype, text.device)
-            denoise = lambda x, t, txt: teacher(x, t, txt, **extra)  # noqa: E731
-            shots.append(sample(denoise, text, noise, negative_text=negative,
-                                guidance_scale=sampler.guidance_scale, steps=sampler.steps,
-                                shift=sampler.shift).x0.float())
-        return shots
-    return run
+    """The teacher's multi-shot rollout (`teacher_shots` to the end); shape = (C, F, h, w) of one shot."""
+    return lambda texts, gen: list(teacher_shots(teacher, shape, sampler, negative, context_fn, texts, gen))
 
 
 @torch.no_grad()

@@ -1,17 +1,19 @@
-"""Protects the eval stage, `shotdistill eval` / `compare` and the feature metrics: outputs, skips, errors."""
+"""Protects the eval stage (final student and per stage), `shotdistill eval` / `compare` and the feature metrics."""
 
 import json
+import shutil
 
 import pytest
 import torch
 import yaml
 from helpers import make_tiny_wan
 
-from distill.compare import comparison_table, run_axes, variants
+from distill.compare import comparison_table, format_cell, run_axes, variants
 from distill.config import load_recipe
 from distill.features import FeatureExtractor, feature_consistency
 from distill.logging import read_scalars
-from distill.runner import run_recipe
+from distill.runner import format_summary, run_recipe
+from distill.stages.eval import EMPTY_STAGES
 from distill.stages.prepare import prepare
 from launch.cli import main
 from student.export import export_student
@@ -82,17 +84,114 @@ def test_eval_stage_writes_metrics_samples_report_and_tensorboard(evaluated):
     assert report["skipped"] == {"features": "eval.features.kind is none",
                                  **({} if "intra_identity" in metrics else
                                     {"intra_identity": "no character was seen in any video"})}
+    assert report["stages"] == {"evaluated": {}, "skipped": {"*": EMPTY_STAGES}}
+    assert (evaluated / "stages.md").read_text() == EMPTY_STAGES + "\n"
     assert (evaluated / "export" / "generator.json").is_file()
     tb = evaluated.parent / "tb" / "eval"
     assert read_scalars(tb, "eval/cut_accuracy") == {1: pytest.approx(metrics["cut_accuracy"])}
+
+
+STAGES = ["teacher", "causal-init", "dmd-intra", "dmd-inter", "ode-pairs"]
+TEACHER_SAMPLER = {"steps": 2, "shift": 3.0, "guidance_scale": 1.0}
+
+
+def _finished(stage, cfg: dict):
+    (stage / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (stage / "DONE").write_text(json.dumps({"metrics": {}}))
+    return stage
+
+
+@pytest.fixture(scope="module")
+def staged(run):
+    """Run "s": the fixture run's prepare and causal-init, a finished teacher, a finished dmd-intra
+    holding the same student as causal-init, an unfinished dmd-inter; evaluated per stage. Run "t":
+    prepare and the teacher only (no student), evaluated per stage."""
+    root = run.parent
+    s, t = root / "s", root / "t"
+    for name in ("prepare", "causal-init"):
+        shutil.copytree(run / name, s / name)
+    shutil.copytree(run / "prepare", t / "prepare")
+    teacher = NextShotTeacher(make_tiny_wan(in_channels=12, out_channels=12, text_dim=24, seed=1))
+    for r in (s, t):
+        teacher.save_pretrained(r / "teacher" / "model")
+        _finished(r / "teacher", {**RECIPE, "stage": "teacher", "sampler": TEACHER_SAMPLER})
+    shutil.copytree(run / "causal-init", s / "dmd-intra")
+    _finished(s / "dmd-intra", {**RECIPE, "stage": "dmd_intra"})
+    shutil.copytree(run / "causal-init" / "student", s / "dmd-inter" / "student")
+    for name, stages in (("s", STAGES), ("t", ["teacher", "causal-init"])):
+        data = {**RECIPE, "stage": "eval", "run": {"name": name, "out": str(root)},
+                "eval": {"videos": 2, "stages": stages}}
+        (root / f"eval-{name}.yaml").write_text(yaml.safe_dump(data))
+        run_recipe(root / f"eval-{name}.yaml")
+    return s / "eval", t / "eval"
+
+
+def _scores(metrics: dict, prefix: str = "") -> dict:
+    """The metrics under `prefix` without it, timings left out (they differ from run to run)."""
+    return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix) and "/" not in k[len(prefix):]
+            and k[len(prefix):] not in ("fps", "latency_s")}
+
+
+def test_eval_per_stage_rows_skips_and_final_names(staged):
+    ev = staged[0]
+    run = ev.parent
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert {k.split("/")[0] for k in metrics if "/" in k} == {"teacher", "causal-init", "dmd-intra"}
+    final = _scores(metrics)
+    assert set(final) - {"intra_identity"} == (SCENE_METRICS | FACT_METRICS) - {"fps", "latency_s"}
+    # dmd-intra is the final student (scored once); causal-init holds the same weights, exported and
+    # generated again with the same prompts and seeds: the same scores
+    assert _scores(metrics, "dmd-intra/") == final
+    assert _scores(metrics, "causal-init/") == final
+    assert (ev / "exports" / "causal-init" / "generator.json").is_file()
+    teacher = _scores(metrics, "teacher/")
+    assert set(teacher) - {"intra_identity"} == set(final) - {"intra_identity"}
+    assert metrics["teacher/fps"] > 0 and metrics["teacher/latency_s"] > 0
+    report = json.loads((ev / "report.json").read_text())
+    assert report["stages"] == {
+        "evaluated": {"teacher": "stages/teacher/report.json", "causal-init": "stages/causal-init/report.json",
+                      "dmd-intra": "report.json"},
+        "skipped": {"dmd-inter": f"{run / 'dmd-inter'} has not finished (no DONE marker)",
+                    "ode-pairs": f"no stage folder {run / 'ode-pairs'}"}}
+    teacher_report = json.loads((ev / "stages" / "teacher" / "report.json").read_text())
+    assert [v["shot_frames"] for v in teacher_report["videos"]] == [[6, 6], [6, 6]]
+    assert all(0 < v["first_chunk_s"] < v["seconds"] for v in teacher_report["videos"])
+    assert sorted(p.name for p in (ev / "stages" / "teacher" / "samples").iterdir()) == ["0000.mp4", "0001.mp4"]
+    assert read_scalars(run / "tb" / "eval", "eval/teacher/cut_accuracy") == \
+        {1: pytest.approx(metrics["teacher/cut_accuracy"])}
+
+
+def test_eval_per_stage_table_in_stages_md_and_the_run_summary(staged):
+    ev = staged[0]
+    table = (ev / "stages.md").read_text()
+    lines = table.splitlines()
+    columns = lines[0].strip("| ").split(" | ")
+    assert columns[0] == "stage" and "cut_accuracy" in columns and "fps" in columns
+    assert [line.split(" | ")[0] for line in lines[2:5]] == ["| teacher", "| causal-init", "| dmd-intra"]
+    metrics = json.loads((ev / "metrics.json").read_text())
+    cell = lines[2].strip("| ").split(" | ")[columns.index("cut_accuracy")]
+    assert cell == format_cell(metrics["teacher/cut_accuracy"])
+    assert lines[-2:] == [f"Skipped dmd-inter: {ev.parent / 'dmd-inter'} has not finished (no DONE marker).",
+                          f"Skipped ode-pairs: no stage folder {ev.parent / 'ode-pairs'}."]
+    record = json.loads((ev / "DONE").read_text())
+    assert record["table"] == table
+    assert table.rstrip("\n") in format_summary({"eval": {**record, "status": "ran"}})
+
+
+def test_eval_of_a_run_without_student_scores_its_teacher(staged):
+    ev = staged[1]
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert {k.split("/")[0] for k in metrics} == {"teacher"}
+    report = json.loads((ev / "report.json").read_text())
+    assert report["export"] is None and "no finished student" in report["no_export"]
+    assert report["stages"]["skipped"] == {"causal-init": f"no stage folder {ev.parent / 'causal-init'}"}
 
 
 def test_eval_is_deterministic_and_cli_on_the_run_matches_the_stage(run, evaluated, tmp_path, capsys):
     out = tmp_path / "again"
     assert main(["eval", str(run), "--out", str(out)]) == 0
     stage, cli = (json.loads((d / "metrics.json").read_text()) for d in (evaluated, out))
-    assert {k: v for k, v in cli.items() if k not in ("fps", "latency_s")} == \
-        {k: v for k, v in stage.items() if k not in ("fps", "latency_s")}
+    assert _scores(cli) == _scores(stage) and _scores(cli)
     assert "cut_accuracy" in capsys.readouterr().out
 
 
