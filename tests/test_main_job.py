@@ -34,8 +34,18 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path):
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     for name in ("inter_identity", "motion_adherence", "cut_accuracy", "fps", "latency_s"):
         assert name in metrics, f"eval/metrics.json lacks {name}"
+    for stage in TRAINING_STAGES:  # every stage scored on the same stories (eval.stages)
+        assert f"{stage}/identity_match" in metrics, f"eval/metrics.json lacks the {stage} row"
+    assert (run / "eval" / "stages.md").is_file()
+
+    # the causal init's purpose: its student's 4-step cached samples end closer to the teacher's than
+    # the uninitialised student's (the teacher's weights under chunk-causal attention)
+    init = json.loads((run / "causal-init" / "metrics.json").read_text())
+    assert init["eval_distance_after"] < init["eval_distance_before"], init
+
     for stage in TRAINING_STAGES:
-        assert list((run / "tb" / stage).glob("events.out.tfevents.*")), f"no TensorBoard events for {stage}"
+        events = (run / "tb" / stage).glob("events.out.tfevents.*")  # .runinfo: the runner's HParams
+        assert [p for p in events if not p.name.endswith(".runinfo")], f"no TensorBoard events for {stage}"
         assert (run / stage / "DONE").is_file()
 
     again = shotdistill(["run", "recipes/tiny.yaml", "logging.progress=false"], cwd=work, timeout=600)
