@@ -411,6 +411,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
     cfg = schema()
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(data))
+        OmegaConf.set_readonly(cfg, False)  # the copy inherits the cached schema's flag
         _mark_missing(cfg, data)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_one_line(e)}") from None
