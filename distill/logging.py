@@ -179,7 +179,7 @@ def write_run_info(tb_dir: Path, cfg, *, main: bool) -> None:
     Path(tb_dir).mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(tb_dir), filename_suffix=RUN_INFO_SUFFIX)
     try:
-        writer._get_file_writer().add_summary(session_start_summary(recipe_hparams(cfg)))
+        writer.file_writer.add_summary(session_start_summary(recipe_hparams(cfg)))
         writer.add_custom_scalars(custom_scalars_layout())
     finally:
         writer.close()
