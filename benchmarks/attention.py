@@ -11,7 +11,6 @@ just the tile census, which needs no GPU.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from kernels import chunk_causal_attention, chunk_causal_mask
 from kernels.kernel_config import TileConfig, tile_configs
 from kernels.reference import full_key_run, key_span, key_tiles, resolve_window, visible
+from teacher.files import write_atomic
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Attention"
@@ -296,9 +296,7 @@ def write_section(text: str, path: Path = RESULTS) -> None:
     else:
         end = old.find("\n## ", start + len(SECTION))
         new = old[:start] + text + ("" if end < 0 else "\n" + old[end + 1:])
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    write_atomic(path, new)
 
 
 def census_rows() -> dict[str, dict]:

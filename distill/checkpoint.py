@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import re
 import shutil
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from distill.distributed import DistEnv, barrier
+from teacher.files import write_atomic
 
 MARKER = "COMMITTED"
 _STEP = re.compile(r"^step-(\d{6,})$")
@@ -54,14 +54,6 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"resume={resume}: not a committed checkpoint (no {MARKER} marker)")
     return path
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary name beside `path`, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def capture_rng() -> dict[str, Any]:

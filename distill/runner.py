@@ -84,7 +84,7 @@ class Runner:
         self.summary: dict[str, dict] = {}
 
     def _write(self, path: Path, text: str) -> None:
-        from distill.checkpoint import write_atomic
+        from teacher.files import write_atomic
         if self.env.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, text)

@@ -24,6 +24,7 @@ from distill import checkpoint
 from distill.deepspeed_config import deepspeed_config
 from distill.distributed import all_sum, barrier, broadcast_object, prepare_deepspeed
 from distill.logging import StageLogger
+from teacher.files import write_atomic
 
 
 @dataclass
@@ -102,8 +103,7 @@ def build_engine(model: TrainedModel, cfg: DictConfig, stage_dir: Path, env) -> 
     ds_cfg = deepspeed_config(cfg, model.name, env.world_size, env.cuda)
     if env.is_main:
         import json
-        checkpoint.write_atomic(Path(stage_dir) / f"deepspeed.{model.name}.json",
-                                json.dumps(ds_cfg, indent=2) + "\n")
+        write_atomic(Path(stage_dir) / f"deepspeed.{model.name}.json", json.dumps(ds_cfg, indent=2) + "\n")
     module = model.module.to(env.device)
     optimizer = _client_optimizer(module, cfg.optim[model.name], cfg.deepspeed.offload_optimizer)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)

@@ -67,8 +67,8 @@ def render(args: argparse.Namespace, name: str, out: str, log_dir: Path) -> str:
 
 def write_script(args: argparse.Namespace) -> int:
     """Validate the recipe, write the script (atomically) and print its path."""
-    from distill.checkpoint import write_atomic
     from distill.runner import plan
+    from teacher.files import write_atomic
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise ValueError(f"slurm: --nodes and --gpus-per-node must be >= 1 "
                          f"(got {args.nodes}, {args.gpus_per_node})")

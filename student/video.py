@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from teacher.files import temp_path
+
 
 def exact_interpolation():
     """swscale flags for colour conversion that does not depend on CPU features or thread count."""
@@ -31,9 +33,9 @@ class Mp4Writer:
         if fps <= 0:
             raise ValueError(f"{path}: frame rate must be positive, got {fps}")
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.stem}.tmp{os.getpid()}{self.path.suffix}")
+        self.tmp = temp_path(self.path)
         self.fps, self.crf = Fraction(fps).limit_denominator(1001), crf
-        self.container = av.open(str(self.tmp), mode="w")
+        self.container = av.open(str(self.tmp), mode="w", format="mp4")  # the temporary name has no .mp4
         self.stream = None
         self.frames = 0
 

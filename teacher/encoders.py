@@ -17,13 +17,13 @@ padding positions are zeros, not the encoder's outputs at pad tokens).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from teacher.files import atomic_folder
 
 # Recipe/export dtype names -> torch dtypes (codecs, text encoders, shards, students).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -181,12 +181,9 @@ class T5TextEncoder:
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write `text_encoder/` and `tokenizer/` under `path`, atomically (temporary folder renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        self.model.save_pretrained(tmp / "text_encoder")
-        self.tokenizer.save_pretrained(tmp / "tokenizer")
-        os.replace(tmp, path)
+        with atomic_folder(path) as tmp:
+            self.model.save_pretrained(tmp / "text_encoder")
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
 
     @torch.no_grad()
     def encode(self, captions: Sequence[str]) -> list[torch.Tensor]:

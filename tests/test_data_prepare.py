@@ -71,7 +71,7 @@ def test_resume_skips_committed_shards_and_redoes_a_missing_one(prepared, tmp_pa
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
     before = load_file(out / "shard-00001.safetensors")
     (out / "shard-00001.json").unlink()          # as if killed before the sidecar landed
-    (out / ".shard-00001.safetensors.tmp99").write_bytes(b"partial")
+    (out / ".shard-00001.safetensors.tmp-99").write_bytes(b"partial")
     assert prepare(tiny_cfg(), manifest, out, progress=False) == report
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
     assert {k for k in after if after[k] != stamps.get(k)} == {"shard-00001.json", "shard-00001.safetensors"}

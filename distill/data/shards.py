@@ -17,12 +17,13 @@ tensors and is the shard's commit marker: a shard without it is redone, one with
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from teacher.files import atomic_file, write_atomic
 
 INDEX = "index.json"
 REPORT = "report.json"
@@ -34,9 +35,7 @@ def shard_name(k: int) -> str:
 
 def write_json(path: Path, data: object) -> None:
     """JSON written to a temporary name and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_json(path: Path) -> dict | None:
@@ -51,13 +50,11 @@ def read_json(path: Path) -> dict | None:
 
 def write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Tensors (if any) then the sidecar, each atomically; leftovers of an interrupted try are removed."""
-    for stale in folder.glob(f".{name}.*.tmp*"):
+    for stale in folder.glob(f".{name}.*.tmp-*"):
         stale.unlink(missing_ok=True)
     if tensors:
-        path = folder / f"{name}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "shotdistill"})
-        os.replace(tmp, path)
+        with atomic_file(folder / f"{name}.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "shotdistill"})
     write_json(folder / f"{name}.json", meta)
 
 

@@ -13,7 +13,6 @@ fits, and the facts hold the actual path.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 from distill.data.world import (BACKGROUNDS, COLOURS, FRAMINGS, MOTIONS, SIZES, Character,
                                 ScenePlan, ShotPlan, global_caption, plan_scene, shot_caption)
 from student.video import write_mp4
+from teacher.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -110,12 +110,6 @@ def render_video(index: int, s: SynthSettings) -> tuple[np.ndarray, dict]:
     return np.concatenate(clips), facts
 
 
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
-
-
 def synthesize(out: str | Path, s: SynthSettings) -> Path:
     """Write the videos, their facts and `manifest.jsonl` under `out`; return the manifest path."""
     s.check()
@@ -126,13 +120,11 @@ def synthesize(out: str | Path, s: SynthSettings) -> Path:
         name = f"video_{i:04d}"
         frames, facts = render_video(i, s)
         write_mp4(out / f"{name}.mp4", frames, s.fps)
-        _write_json(out / f"{name}.facts.json", facts)
+        write_atomic(out / f"{name}.facts.json", json.dumps(facts) + "\n")
         lines.append(json.dumps({
             "video": f"{name}.mp4", "fps": s.fps, "global_caption": facts["global_caption"],
             "facts": f"{name}.facts.json",
             "shots": [{k: sh[k] for k in ("start", "end", "caption")} for sh in facts["shots"]]}))
     manifest = out / "manifest.jsonl"
-    tmp = manifest.with_name(f".manifest.jsonl.tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, manifest)
+    write_atomic(manifest, "\n".join(lines) + "\n")
     return manifest
