@@ -115,7 +115,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="markdown table of several runs' evaluation metrics and final losses")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders; their names carry the ablation axes "
-                   "(see distill/compare.py)")
+                   "(see distill/eval/compare.py)")
     p.add_argument("--out", metavar="FILE.md", help="also write the table to this file")
     p.set_defaults(handler="launch.evaluate:compare")
 

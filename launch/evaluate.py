@@ -36,8 +36,8 @@ def _export_config(overrides: list[str]):
 def evaluate(args: argparse.Namespace) -> int:
     """Generate, time and score the prompts with an export (or a run's newest student)."""
     from distill.checkpoint import write_atomic
-    from distill.evaluation import evaluate as run_evaluation
-    from distill.evaluation import resolve_export, select_prompts
+    from distill.eval.scoring import evaluate as run_evaluation
+    from distill.eval.scoring import resolve_export, select_prompts
     from distill.stages.eval import check_eval
     from launch.serve import quiet_loading
 
@@ -71,7 +71,7 @@ def evaluate(args: argparse.Namespace) -> int:
 def compare(args: argparse.Namespace) -> int:
     """Print (and with --out write) the markdown table of the runs' final numbers."""
     from distill.checkpoint import write_atomic
-    from distill.compare import comparison_table
+    from distill.eval.compare import comparison_table
 
     table = comparison_table(args.runs)
     print(table, end="")

@@ -8,9 +8,9 @@ import torch
 import yaml
 from helpers import make_tiny_wan
 
-from distill.compare import comparison_table, format_cell, run_axes, variants
+from distill.eval.compare import comparison_table, format_cell, run_axes, variants
 from distill.config import load_recipe
-from distill.features import FeatureExtractor, feature_consistency
+from distill.eval.features import FeatureExtractor, feature_consistency
 from distill.logging import read_scalars
 from distill.runner import format_summary, run_recipe
 from distill.stages.eval import EMPTY_STAGES

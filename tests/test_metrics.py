@@ -1,4 +1,4 @@
-"""Protects the synthetic-world video metrics (distill/metrics.py) on hand-made videos with known answers."""
+"""Protects the synthetic-world video metrics (distill/eval/metrics.py) on hand-made videos with known answers."""
 
 from dataclasses import asdict, replace
 
@@ -8,7 +8,7 @@ import torch
 
 from distill.data.synth import SynthSettings, render_shot
 from distill.data.world import BACKGROUNDS, COLOURS, FRAMINGS, SHAPES, Character, ScenePlan, ShotPlan
-from distill.metrics import (SceneSettings, cut_count_accuracy, detect_cuts, label_frames, palette,
+from distill.eval.metrics import (SceneSettings, cut_count_accuracy, detect_cuts, label_frames, palette,
                              score_video, shot_cut_accuracy, sightings, track_motion)
 
 S = SynthSettings(videos=1, seed=0, height=64, width=64, fps=8, min_shots=1, max_shots=3, min_frames=12,

@@ -11,7 +11,7 @@ import torch
 
 from distill.config import ConfigError, load_recipe, read_recipe_chain
 from distill.data.synth import SynthSettings, render_video
-from distill.metrics import colour_consistency, dominant_colours, expected_colours
+from distill.eval.metrics import colour_consistency, dominant_colours, expected_colours
 from distill.models import build_wan
 from distill.runner import plan
 from distill.stages.teacher import StratifiedTimesteps, TeacherStage, trainable_teacher

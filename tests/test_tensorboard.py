@@ -194,9 +194,9 @@ def trainer_tags(cls, per_model: set[str], every: set[str], extra: set[str]) -> 
 def stage_tags(toy_tags: set[str]) -> tuple[dict[str, set[str]], set[str]]:
     """{folder: tags (without the folder)} of every registered stage that logs scalars, derived from
     the code, and the trainer's stage-wide tags; the trainer's own names come from the toy run."""
-    from distill import evaluation, metrics
-    from distill.multishot_eval import multishot_colour
-    from distill.shot_eval import evaluate_teacher
+    from distill.eval import metrics, scoring
+    from distill.eval.multishot import multishot_colour
+    from distill.eval.probes import evaluate_teacher
     from distill.stages.causal_init import CausalInitStage, distance_scores
     from distill.stages.dmd import DMDInterStage, DMDIntraStage, DMDStage
     from distill.stages.eval import EvalStage
@@ -212,10 +212,10 @@ def stage_tags(toy_tags: set[str]) -> tuple[dict[str, set[str]], set[str]]:
     colour = returned_keys(multishot_colour)
     dmd_scores = expand(returned_keys(DMDStage.evaluate), k=colour, when=string_args(DMDStage.run, "evaluate"))
     dmd = trainer_tags(DMDStage, per_model, every, dmd_scores)
-    module = ast.parse(inspect.getsource(evaluation))
+    module = ast.parse(inspect.getsource(scoring))
     eval_keys = set().union(*(_dict_keys(n) for n in ast.walk(module)))
     assert {"fps", "latency_s"} <= eval_keys  # the throughput chart's two tags
-    scores = {"fps", "latency_s", *evaluation.FACT_METRICS, *returned_keys(metrics.score_video),
+    scores = {"fps", "latency_s", *scoring.FACT_METRICS, *returned_keys(metrics.score_video),
               *returned_keys(metrics.fact_scores)}
     evaluated = load_recipe(REPO / "recipes/tiny/eval.yaml").eval.stages  # logged as eval/<stage>/<name>
     assert evaluated

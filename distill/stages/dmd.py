@@ -32,7 +32,7 @@ from distill.data.components import build_codec, build_text_encoder, prepared_di
 from distill.data.datasets import PreparedData, PromptDataset
 from distill.dmd import critic_loss, draw_timesteps, generator_loss
 from distill.ema import EMA
-from distill.media import MediaLog
+from distill.eval.media import MediaLog
 from distill.rollout import ReencodedContext, SelfForcingGenerator, draw_exit_step, latent_context_fn
 from distill.rollout import shots as rollout_shots
 from distill.trainer import TrainedModel, Trainer, place_frozen
@@ -192,7 +192,7 @@ class DMDStage:
 
     def evaluate(self, student, when: str, teacher: bool = False) -> dict[str, float]:
         """Multi-shot colour consistency of the student (and once of the teacher)."""
-        from distill.multishot_eval import multishot_colour, student_rollout, teacher_rollout
+        from distill.eval.multishot import multishot_colour, student_rollout, teacher_rollout
 
         cfg, env = self.cfg, self.env
         shots = cfg.dmd.shots  # both stages score the same multi-shot prompts, so they compare

@@ -5,7 +5,7 @@ stage exported into this stage's folder (a run without one, e.g. a teacher-only 
 its `eval.stages` alone). Prompts are `eval.prompts` or the run's prepared records
 (the first `eval.videos`); rank r generates prompts r, r + world, ... on its own device (so the
 timings are one device's), rank 0 gathers and reports. Each stage of `eval.stages` (teacher,
-causal-init, dmd-intra, dmd-inter) is scored on the same prompts and seeds (distill/stage_eval.py);
+causal-init, dmd-intra, dmd-inter) is scored on the same prompts and seeds (distill/eval/stages.py);
 unfinished or absent ones are skipped with the reason. Products: `samples/*.mp4` and `report.json`
 (the final student's, plus `stages`: each evaluated stage's report and each skipped stage's reason),
 `stages/<stage>/`, `exports/<stage>/`, `stages.md` (rows = stages, columns = metrics), TensorBoard
@@ -55,8 +55,8 @@ class EvalStage:
     def run(self) -> dict[str, float]:
         """Every rank generates and scores its share of the prompts; rank 0 returns the metrics."""
         from distill.data.components import prepared_dir
-        from distill.evaluation import evaluate, select_prompts
-        from distill.stage_eval import evaluate_stages
+        from distill.eval.scoring import evaluate, select_prompts
+        from distill.eval.stages import evaluate_stages
 
         cfg, env, out = self.cfg, self.ctx.env, Path(self.ctx.stage_dir)
         prompts = select_prompts(cfg.eval, prepared_dir(cfg))
@@ -80,8 +80,8 @@ class EvalStage:
     def _report(self, out: Path, per_stage: dict, skipped: dict, known: dict, metrics: dict) -> None:
         """stages.md, the `stages` entry of report.json and the TensorBoard scalars (rank 0)."""
         from distill.checkpoint import write_atomic
-        from distill.evaluation import log_scalars
-        from distill.stage_eval import STAGES_FOLDER, stages_table
+        from distill.eval.scoring import log_scalars
+        from distill.eval.stages import STAGES_FOLDER, stages_table
 
         self.summary_table = stages_table(per_stage, skipped) if self.cfg.eval.stages else EMPTY_STAGES + "\n"
         write_atomic(out / "stages.md", self.summary_table)
@@ -97,7 +97,7 @@ class EvalStage:
         """(`eval.export`, or the one rank 0 finds or makes in the run, None); with `eval.stages` set, a
         run without a finished student gives (None, why) instead of failing."""
         from distill.distributed import broadcast_object
-        from distill.evaluation import resolve_export
+        from distill.eval.scoring import resolve_export
 
         if self.cfg.eval.export:
             return Path(self.cfg.eval.export), None
@@ -115,7 +115,7 @@ class EvalStage:
     def _final_stage(self, export: Path) -> str | None:
         """The run stage whose student the final export holds (None for a given `eval.export`)."""
         from distill.distributed import broadcast_object
-        from distill.stage_eval import export_stage
+        from distill.eval.stages import export_stage
 
         if self.cfg.eval.export:
             return None

@@ -86,7 +86,7 @@ class TeacherStage:
                                              cfg.logging.every)
 
     def run(self) -> dict[str, float]:
-        from distill.shot_eval import evaluate_teacher
+        from distill.eval.probes import evaluate_teacher
 
         cfg, env = self.cfg, self.ctx.env
         teacher = trainable_teacher(cfg)

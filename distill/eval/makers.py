@@ -4,7 +4,7 @@ A teacher stage folder holds the trained model (`model/`) and the resolved recip
 (`config.yaml`); from that recipe come the sampler (`sampler.*`: steps, shift, guidance and its
 negative prompt), the codec, the text encoder, the shot length (`data.shot_frames`), the frame rate
 and the context rule (`data.context.*`, the rule the student is initialised with). A prompt's shots
-are sampled one after another by `distill.multishot_eval.teacher_shots`, each later shot conditioned
+are sampled one after another by `distill.eval.multishot.teacher_shots`, each later shot conditioned
 on frames of the teacher's own earlier shots picked by that rule (latent frames when the codec's
 frames are latents, else decoded frames re-encoded one by one, as the streaming student does). The
 model text of a shot is the global caption's tokens ⊕ the shot caption's, zero-padded, as the
@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig
 
-from distill.evaluation import Prompt, Video, score_videos
+from distill.eval.scoring import Prompt, Video, score_videos
 from distill.rollout import ContextFn
 from teacher.encoders import DTYPES, Codec, T5TextEncoder, join_text, pixels_to_uint8, text_length
 
@@ -49,7 +49,7 @@ class TeacherVideoMaker:
         return text[None].to(device, self.dtype)
 
     def __call__(self, prompt: Prompt, seed: int) -> Video:
-        from distill.multishot_eval import teacher_shots
+        from distill.eval.multishot import teacher_shots
 
         gen = torch.Generator().manual_seed(seed)
         frames, lengths, first = [], [], None
@@ -71,7 +71,7 @@ def load_teacher_maker(stage: str | Path, device: str | torch.device, dtype: str
     from distill.data.components import build_codec, build_text_encoder
     from distill.models import load_teacher
     from distill.rollout import ReencodedContext, latent_context_fn
-    from distill.shot_eval import negative_text
+    from distill.eval.probes import negative_text
     from distill.stages.teacher import MODEL_DIR
 
     stage = Path(stage)
@@ -92,6 +92,6 @@ def load_teacher_maker(stage: str | Path, device: str | torch.device, dtype: str
 
 def evaluate_teacher(stage: str | Path, prompts: list[Prompt], out: str | Path, ev, device: str | torch.device,
                      seed: int, rank: int = 0, world: int = 1) -> dict[str, float]:
-    """`distill.evaluation.evaluate` for a teacher stage folder: same prompts, seeds, scoring and report."""
+    """`distill.eval.scoring.evaluate` for a teacher stage folder: same prompts, seeds, scoring and report."""
     maker, fps = load_teacher_maker(stage, device, ev.dtype)
     return score_videos(maker, fps, prompts, out, ev, device, seed, None, rank, world, {"teacher": str(stage)})

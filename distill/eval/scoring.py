@@ -4,12 +4,12 @@ Each prompt is generated shot by shot by a `StreamingGenerator` on the export (g
 global prompt, seed `seed + i` for prompt i), exactly as serving runs it, with each shot at the
 export's training length. Throughput is measured around the generator only: `fps` = all frames /
 all generation seconds, `latency_s` = the median over videos of the time from the first shot's
-request to its first decoded chunk. Each video is scored by `distill.metrics.score_video` (facts
+request to its first decoded chunk. Each video is scored by `distill.eval.metrics.score_video` (facts
 metrics only for prompts that carry facts) and, when configured, by a CLIP/DINO feature model
-(`distill.features`). Outputs, in the output folder: `samples/NNNN.mp4`, `report.json` (per video
+(`distill.eval.features`). Outputs, in the output folder: `samples/NNNN.mp4`, `report.json` (per video
 metrics and timings, the metrics skipped and why) and, when asked, TensorBoard scalars `eval/<name>`;
 the averaged metrics are returned (the caller writes them to `metrics.json`). Other model kinds (the
-teacher: distill/teacher_video.py) plug their own `VideoMaker` into the same `score_videos` loop.
+teacher: distill/eval/makers.py) plug their own `VideoMaker` into the same `score_videos` loop.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from distill.metrics import SceneSettings, score_video
+from distill.eval.metrics import SceneSettings, score_video
 from teacher.encoders import DTYPES
 
 FACT_METRICS = ("identity_match", "inter_identity", "motion_adherence", "colour_consistency")
@@ -169,7 +169,7 @@ def score_videos(make: VideoMaker, fps: float, prompts: list[Prompt], out: str |
     score, save the mp4 (at `fps`), gather; rank 0 writes report.json (`source` names the model) and
     returns the means (other ranks {})."""
     from distill.checkpoint import write_atomic
-    from distill.features import FeatureExtractor
+    from distill.eval.features import FeatureExtractor
 
     out = Path(out)
     kind = ev.features.kind
@@ -194,7 +194,7 @@ def score_videos(make: VideoMaker, fps: float, prompts: list[Prompt], out: str |
 def _evaluate_one(i: int, prompt: Prompt, make: VideoMaker, fps: float, extractor, ev, seed: int,
                   out: Path) -> dict:
     """Generate, score and save prompt i; its report record."""
-    from distill.features import feature_consistency
+    from distill.eval.features import feature_consistency
     from student.video import write_mp4
 
     v = make(prompt, seed + i)

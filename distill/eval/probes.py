@@ -3,7 +3,7 @@
 For a few prepared (history, next shot) samples whose records carry facts, the same initial noise
 is denoised twice with the recipe's sampler: once conditioned on the context frames, once on the
 captions alone. Both results are decoded with the recipe's codec and scored with
-`distill.metrics.colour_consistency` against the facts of the target shot. Ranks split the samples
+`distill.eval.metrics.colour_consistency` against the facts of the target shot. Ranks split the samples
 and sum their scores, so the forward passes go through the (possibly ZeRO-3) engine on every rank.
 """
 
@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from distill.data.components import build_codec, build_text_encoder, prepared_dir
 from distill.data.datasets import ShotDataset
-from distill.metrics import colour_consistency
+from distill.eval.metrics import colour_consistency
 from teacher.encoders import join_text, pixels_to_uint8
 from teacher.sampler import draw_noise, sample
 

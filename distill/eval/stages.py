@@ -3,8 +3,8 @@
 `eval.stages` lists stage folders of the run. A finished stage (its `DONE` marker) holding a student
 (`student/generator.json`: causal-init, dmd-intra, dmd-inter) is exported for serving into
 `<eval>/exports/<stage>/` (or the run's `export/` is reused when it was made from that stage after
-it finished) and evaluated with `distill.evaluation.evaluate`; one holding a teacher (`model/`) is
-evaluated with `distill.teacher_video.evaluate_teacher`. A stage whose export is the one the eval
+it finished) and evaluated with `distill.eval.scoring.evaluate`; one holding a teacher (`model/`) is
+evaluated with `distill.eval.makers.evaluate_teacher`. A stage whose export is the one the eval
 stage already scored as the run's final student takes those numbers instead of generating again.
 Anything else (no folder, not finished, neither kind) is skipped with the reason, never an error.
 Each evaluated stage writes `<eval>/stages/<stage>/{report.json, samples/}`; `stages_table` is the
@@ -73,8 +73,8 @@ def evaluate_stages(run: Path, names: list[str], prompts: list, out: Path, ev, d
     """({stage: metrics} of the evaluated stages, {stage: why skipped}); `known` holds metrics already
     measured per stage (the final student's). Exports are made on rank 0; every rank generates its share."""
     from distill.distributed import broadcast_object
-    from distill.evaluation import evaluate
-    from distill.teacher_video import evaluate_teacher
+    from distill.eval.scoring import evaluate
+    from distill.eval.makers import evaluate_teacher
 
     metrics, skipped = {}, {}
     for name in names:
@@ -98,7 +98,7 @@ def evaluate_stages(run: Path, names: list[str], prompts: list, out: Path, ev, d
 def stages_table(metrics: dict[str, dict[str, float]], skipped: dict[str, str]) -> str:
     """Markdown: one row per evaluated stage, one column per metric ("–" where a stage lacks one),
     then the skipped stages and why."""
-    from distill.compare import format_cell
+    from distill.eval.compare import format_cell
 
     columns = list(dict.fromkeys(k for m in metrics.values() for k in m))
     lines = ["| stage | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]

@@ -1,4 +1,4 @@
-"""Multi-shot rollouts scored for identity colour consistency (distill/metrics.py): student vs teacher.
+"""Multi-shot rollouts scored for identity colour consistency (distill/eval/metrics.py): student vs teacher.
 
 A prompt (a prepared record with facts) is generated shot by shot, every shot after the first
 conditioned only on the model's own earlier shots (context frames by the student's rule, through
@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from distill.data.datasets import PromptDataset
-from distill.metrics import colour_consistency
+from distill.eval.metrics import colour_consistency
 from distill.rollout import ContextFn, SelfForcingGenerator
 from teacher.encoders import Codec, pixels_to_uint8
 from teacher.sampler import draw_noise, sample

@@ -35,7 +35,7 @@ A whole multi-shot video (`score_video`), with the shot lengths it was generated
   with no detection). cut_count_accuracy = 1 - |D - T| / T (clipped at 0) judges the count alone.
 
 These read the synthetic world's palette; on real footage only the learned-feature metrics
-(distill/features.py) mean anything.
+(distill/eval/features.py) mean anything.
 """
 
 from __future__ import annotations
