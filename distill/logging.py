@@ -65,6 +65,25 @@ class StageLogger:
             self.bar.close()
 
 
+def log_once(tb_dir: Path, prefix: str, step: int, scalars: dict[str, float], *, main: bool,
+             enabled: bool = True, replace: bool = False) -> None:
+    """Write a handful of scalars once, as `<prefix>/<name>` at `step` (end-of-stage results, a
+    stage without a training loop); a no-op off rank 0 or when TensorBoard is off (`enabled`).
+
+    Points logged earlier at steps after `step` are dropped; `replace=True` also drops earlier
+    points at `step` itself (a re-evaluation into the same folder replaces the previous one).
+    """
+    if not main or not enabled:
+        return
+    # StageLogger purges from start_step + 1.
+    log = StageLogger(tb_dir, prefix, main=True, tensorboard=True, progress=False, total_steps=step,
+                      start_step=step - 1 if replace else step)
+    try:
+        log.scalars(step, scalars)
+    finally:
+        log.close()
+
+
 def _wait_past_existing_events(tb_dir: Path) -> None:
     """TensorBoard reads event files in name order, and names start with the creation second:
     a restart within the same second as the previous writer would sort before it. Run-info files

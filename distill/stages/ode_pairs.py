@@ -227,13 +227,10 @@ class OdePairsStage:
                                       "pairs": pairs})
 
     def log(self, metrics: dict[str, float]) -> None:
-        from distill.logging import StageLogger
+        from distill.logging import log_once
 
-        cfg = self.cfg
-        log = StageLogger(self.ctx.tb_dir, self.out.name, main=self.ctx.env.is_main,
-                          tensorboard=cfg.logging.tensorboard, progress=False, total_steps=0, start_step=0)
-        log.scalars(0, metrics)
-        log.close()
+        log_once(self.ctx.tb_dir, self.out.name, 0, metrics, main=self.ctx.env.is_main,
+                 enabled=self.cfg.logging.tensorboard)
 
 
 class OdePairDataset:

@@ -146,10 +146,7 @@ def save_teacher(engine, folder: Path, env) -> None:
 
 def log_final(ctx, cfg: DictConfig, scores: dict[str, float]) -> None:
     """End-of-stage scalars into the stage's TensorBoard folder, at the last training step."""
-    from distill.logging import StageLogger
+    from distill.logging import log_once
 
-    log = StageLogger(ctx.tb_dir, Path(ctx.stage_dir).name, main=ctx.env.is_main,
-                      tensorboard=cfg.logging.tensorboard, progress=False,
-                      total_steps=cfg.train.steps, start_step=cfg.train.steps)
-    log.scalars(cfg.train.steps, scores)
-    log.close()
+    log_once(ctx.tb_dir, Path(ctx.stage_dir).name, cfg.train.steps, scores, main=ctx.env.is_main,
+             enabled=cfg.logging.tensorboard)
