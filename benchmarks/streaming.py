@@ -110,14 +110,13 @@ def shot_times(gen: StreamingGenerator, teacher, cfg, steps: int, guidance: floa
         gen.reset()
         for prompt in PROMPTS[:2]:
             list(gen.next_shot(prompt))
-        context, context_text, context_shots = gen._context()
+        context = gen._context()
         start = time.perf_counter()
         text = gen._model_text(PROMPTS[2]).unsqueeze(0)
         negative = gen._model_text(cfg.sampler.negative_prompt).unsqueeze(0)
         shape = (1, gen.codec.channels, gen.video.frames // gen.codec.temporal_factor, *gen.latent_size)
         noise = draw_noise(shape, torch.Generator().manual_seed(0))
-        denoiser = lambda x, t, txt: teacher(x, t, txt, context=context, context_text=context_text,  # noqa: E731
-                                             context_shots=context_shots)
+        denoiser = lambda x, t, txt: teacher(x, t, txt, **context.kwargs())  # noqa: E731
         x0 = sample(denoiser, text, noise, negative_text=negative, guidance_scale=guidance, steps=steps,
                     shift=cfg.sampler.shift).x0
         pixels_to_uint8(gen.codec.decode(x0)[0])

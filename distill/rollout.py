@@ -31,13 +31,12 @@ import torch
 from torch import nn
 
 from student.model import CausalStudent
+from student.context import Context, pick_context
 from student.sampling import ChunkStream, latent_context
-from teacher.context import sample_context
 from teacher.encoders import Codec
 
-# (finished shots' latents [B, C, F, H, W], their texts [B, L, D]) -> (context, context_text, context_shots)
-ContextFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]],
-                     tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
+# (finished shots' latents [B, C, F, H, W], their texts [B, L, D]) -> the next shot's context
+ContextFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], Context | None]
 
 
 def draw_exit_step(seed: int, step: int, steps: int) -> int:
@@ -60,9 +59,7 @@ class ShotRollout:
 
     x: torch.Tensor  # [B, C, F, H, W] float32, with gradient through the exit steps when enabled
     text: torch.Tensor  # [B, L, D]
-    context: torch.Tensor | None  # [B, C, Fc, H, W] clean context latents (None: first shot)
-    context_text: torch.Tensor | None  # [B, Fc, L, D]
-    context_shots: torch.Tensor | None  # [Fc] or [B, Fc]
+    context: Context | None  # clean history (None: first shot)
 
 
 def rollout_shot(stream: ChunkStream, chunks: int, exit_step: int | None,
@@ -84,15 +81,14 @@ class ReencodedContext:
         self.codec, self.strategy, self.budget = codec, strategy, budget
 
     @torch.no_grad()
-    def __call__(self, shots: Sequence[torch.Tensor], texts: Sequence[torch.Tensor]):
-        if not shots:
-            return None, None, None
+    def __call__(self, shots: Sequence[torch.Tensor], texts: Sequence[torch.Tensor]) -> Context | None:
         pixels = [self.codec.decode(s.detach().float()) for s in shots]
-        picks = sample_context([p.shape[2] for p in pixels], self.strategy, self.budget)
-        frames = torch.cat([pixels[k][:, :, f:f + 1] for k, f in picks], dim=2)
-        context = self.codec.encode_frames(frames).to(shots[0].dtype)
-        context_text = torch.stack([texts[k] for k, _ in picks], dim=1)
-        return context, context_text, torch.tensor([k for k, _ in picks], dtype=torch.long)
+        picked = pick_context([p.shape[2] for p in pixels], self.strategy, self.budget,
+                              lambda k, f: pixels[k][:, :, f], lambda k: texts[k])
+        if picked is None:
+            return None
+        latents = self.codec.encode_frames(picked.latents).to(shots[0].dtype)
+        return Context(latents, picked.texts, picked.shots)
 
 
 def shots(output: list[dict]) -> list[ShotRollout]:
@@ -119,34 +115,29 @@ class SelfForcingGenerator(nn.Module):
         return self.student.external_parameters()
 
     def forward(self, texts: Sequence[torch.Tensor], chunks: int, exit_step: int | None, height: int,
-                width: int, first_context: tuple | None = None, context_fn: ContextFn | None = None,
+                width: int, first_context: Context | None = None, context_fn: ContextFn | None = None,
                 generator: torch.Generator | None = None) -> list[dict]:
-        """Roll out one shot per text [B, L, D]: the first conditioned on `first_context`
-        (context, context_text, context_shots) or nothing; each later one on `context_fn` of the
-        shots generated so far (global cache rebuilt, local cache reset). Returns each shot's
-        ShotRollout fields as a dict (`shots(...)` turns them back): ZeRO-3 hooks backward onto the
-        tensors of a module's output, which it finds in lists and dicts but not in dataclasses."""
+        """Roll out one shot per text [B, L, D]: the first conditioned on `first_context` or nothing;
+        each later one on `context_fn` of the shots generated so far (global cache rebuilt, local cache
+        reset). Returns each shot's ShotRollout fields as a dict (`shots(...)` turns them back):
+        ZeRO-3 hooks backward onto the tensors of a module's output, which it finds in lists and dicts
+        but not in dataclasses."""
         if len(texts) > 1 and context_fn is None:
             raise ValueError("a multi-shot rollout needs a context_fn to rebuild the global cache")
         stream = ChunkStream(self.student, texts[0].shape[0], height, width, keep_graph=torch.is_grad_enabled())
         out: list[ShotRollout] = []
         for k, text in enumerate(texts):
             text = text.to(stream.device, stream.dtype)
-            if k == 0:
-                context, context_text, context_shots = first_context or (None, None, None)
-            else:
-                context, context_text, context_shots = context_fn([s.x.detach() for s in out],
-                                                                  [s.text for s in out])
+            context = first_context if k == 0 else context_fn([s.x.detach() for s in out], [s.text for s in out])
             if context is not None:
-                context, context_text = context.to(stream.device, stream.dtype), context_text.to(stream.device,
-                                                                                                 stream.dtype)
+                context = context.to(stream.device, stream.dtype)
             # agreed before any rank enters its context pass (whose gathers are collectives too)
             idle = self.lockstep and _any_rank(context is not None, stream.device) and context is None
-            stream.begin_shot(text, context, context_text, context_shots)
+            stream.begin_shot(text, context)
             if idle:
                 _idle_context_pass(stream)
             x = rollout_shot(stream, chunks, exit_step, generator)
-            out.append(ShotRollout(x, text, context, context_text, context_shots))
+            out.append(ShotRollout(x, text, context))
         return [vars(shot) for shot in out]
 
 

@@ -50,6 +50,7 @@ from typing import Iterator, Sequence
 import torch
 
 from student.export import load_student, read_export
+from student.context import Context, pick_context
 from student.model import CausalStudent
 from student.sampling import ChunkStream
 from teacher.context import candidate_frames, sample_context
@@ -228,7 +229,7 @@ class StreamingGenerator:
         shot = _Shot(frames=self.frames_for(chunks), text=self._model_text(prompt))
         keep = set(candidate_frames(shot.frames, self.student.settings.context_strategy, self.history_budget))
         with torch.no_grad():  # not held across a yield: the caller's grad mode stays its own
-            self.stream.begin_shot(shot.text.unsqueeze(0), *self._context())
+            self.stream.begin_shot(shot.text.unsqueeze(0), self._context())
         pending: dict[int, torch.Tensor] = {}
         previous, offset = None, 0
         for _ in range(chunks):
@@ -265,21 +266,21 @@ class StreamingGenerator:
     # ---- context -------------------------------------------------------------------------------
     def _picks(self) -> list[tuple[int, int]]:
         """(shot, frame) of the history frames the next shot sees, at most `history_budget` of them."""
-        picks = sample_context([s.frames for s in self.shots], self.student.settings.context_strategy,
-                               self.history_budget)
-        return picks[max(0, len(picks) - self.history_budget):] if self.history_budget else []
+        return sample_context([s.frames for s in self.shots], self.student.settings.context_strategy,
+                              self.history_budget, limit=self.history_budget)
 
-    def _context(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(context [1, C, Fc, h, w], context_text [1, Fc, L, D], context_shots [Fc]) or Nones."""
-        picks = self._picks()
-        number = {k: i for i, k in enumerate(sorted({k for k, _ in picks}))}
-        frames = [lat for lat, _ in self.references] + [self.shots[k].kept[f] for k, f in picks]
-        if not frames:
-            return None, None, None
-        texts = [text for _, text in self.references] + [self.shots[k].text for k, _ in picks]
-        shots = [-1] * len(self.references) + [number[k] for k, _ in picks]
-        return (torch.stack(frames, dim=1).unsqueeze(0), torch.stack(texts).unsqueeze(0),
-                torch.tensor(shots, dtype=torch.long))
+    def _context(self) -> Context | None:
+        """The references, then the history frames the rule picks (batch of one), or None."""
+        history = pick_context([s.frames for s in self.shots], self.student.settings.context_strategy,
+                               self.history_budget, lambda k, f: self.shots[k].kept[f], lambda k: self.shots[k].text,
+                               limit=self.history_budget, renumber=True)
+        references = None
+        if self.references:
+            references = Context(torch.stack([lat for lat, _ in self.references], dim=1),
+                                 torch.stack([text for _, text in self.references]),
+                                 torch.full((len(self.references),), -1, dtype=torch.long, device=self.device))
+        context = Context.cat([references, history])
+        return context and Context.stack([context])
 
     def _forget_unreachable(self) -> None:
         """Drop the frames and text of shots the rule will never pick again (see module doc)."""

@@ -2,7 +2,7 @@
 
 Inference (StreamingGenerator), ODE-pair checks and Self Forcing rollouts all run a shot the same way:
 
-    stream.begin_shot(text, context, context_text, context_shots)  # text K/V once; global cache rebuilt
+    stream.begin_shot(text, context)          # text K/V once; global cache rebuilt from a Context
     for each chunk: x0 = stream.next_chunk(generator)               # denoising steps, then the t = 0 pass
 
 `denoise_chunk` is the per-chunk loop (CausVid / Self Forcing convention): from pure noise, at each
@@ -18,9 +18,9 @@ from typing import Callable, Sequence
 import torch
 
 from student.cache import CacheShape, KVCache
+from student.context import Context, pick_context
 from student.model import CausalStudent
 from teacher.backbone import TextKV, sdpa_attention
-from teacher.context import sample_context
 from teacher.flow import shift_timestep, sigma
 from teacher.sampler import draw_noise
 
@@ -81,20 +81,20 @@ class ChunkStream:
         self.chunk = 0
 
     # ---- shots ------------------------------------------------------------------------------
-    def begin_shot(self, text: torch.Tensor, context: torch.Tensor | None = None,
-                   context_text: torch.Tensor | None = None, context_shots: torch.Tensor | None = None,
-                   grad: bool = False) -> None:
+    def begin_shot(self, text: torch.Tensor, context: Context | None = None, grad: bool = False) -> None:
         """Start a shot: its text's cross-attention K/V (once), the global cache rebuilt from the clean
-        `context` [B, C, Fc, H, W] by one t = 0 pass, and the local cache cleared. The context pass
-        runs without gradient unless `grad` (keep_graph only: then it backpropagates like the prefix
-        of the full-sequence forward)."""
+        context latents [B, C, Fc, H, W] by one t = 0 pass, and the local cache cleared. The context
+        pass runs without gradient unless `grad` (keep_graph only: then it backpropagates like the
+        prefix of the full-sequence forward)."""
         student = self.student
-        fc = 0 if context is None else context.shape[2]
-        if context is not None and tuple(context.shape) != (self.batch, student.latent_channels, fc,
+        fc = 0 if context is None else context.frames
+        latents, context_text = (None, None) if context is None else (context.latents, context.texts)
+        if context is not None and tuple(latents.shape) != (self.batch, student.latent_channels, fc,
                                                             self.height, self.width):
-            raise ValueError(f"context {list(context.shape)} does not fit the stream "
+            raise ValueError(f"context {list(latents.shape)} does not fit the stream "
                              f"[{self.batch}, {student.latent_channels}, Fc, {self.height}, {self.width}]")
-        shots = student.context_shot_index(self.batch, fc, context_text, context_shots, self.device)
+        shots = student.context_shot_index(self.batch, fc, context_text,
+                                           None if context is None else context.shots, self.device)
         text_kv, frame_text = student.text_conditioning(text, context_text, fc, 1)
         if frame_text is not None:  # the context pass uses every group, the shot's chunks only its own
             frame_text, group = frame_text[:, :fc], int(frame_text[0, -1])
@@ -108,7 +108,7 @@ class ChunkStream:
                 shots.double() * student.settings.position_theta
             timesteps = torch.zeros(self.batch, fc, device=self.device)
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-                student.run(context.to(self.dtype), timesteps, positions, text_kv, frame_text,
+                student.run(latents.to(self.dtype), timesteps, positions, text_kv, frame_text,
                             sdpa_attention, writer)
         self.cache.finish(writer)
         self.text = target_kv
@@ -121,9 +121,7 @@ class ChunkStream:
         """`begin_shot` with the context sampled from the finished shots' latents by the student's
         context rule (`context_strategy`, `context_frames`); no shots: the stream's first shot."""
         s = self.student.settings
-        context, context_text, context_shots = latent_context(shots, shot_texts, s.context_strategy,
-                                                              s.context_frames)
-        self.begin_shot(text, context, context_text, context_shots, grad)
+        self.begin_shot(text, latent_context(shots, shot_texts, s.context_strategy, s.context_frames), grad)
 
     # ---- chunks -----------------------------------------------------------------------------
     def _pass(self, x: torch.Tensor, t: torch.Tensor, commit: bool) -> torch.Tensor | None:
@@ -169,14 +167,9 @@ class ChunkStream:
 
 
 def latent_context(shots: Sequence[torch.Tensor], shot_texts: Sequence[torch.Tensor], strategy: str,
-                   budget: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                   budget: int) -> Context | None:
     """Context for the next shot from finished shots' latents [B, C, F_k, H, W] and texts [B, L, D]:
-    frames chosen by the teacher's rule (teacher/context.py) over latent frames (codecs whose
-    temporal factor is 1; with Wan's VAE the generator re-encodes chosen pixel frames instead).
-    Returns (context [B, C, Fc, H, W], context_text [B, Fc, L, D], context_shots [Fc]) or Nones."""
-    picks = sample_context([s.shape[2] for s in shots], strategy, budget)
-    if not picks:
-        return None, None, None
-    context = torch.cat([shots[k][:, :, f:f + 1] for k, f in picks], dim=2)
-    texts = torch.stack([shot_texts[k] for k, _ in picks], dim=1)
-    return context, texts, torch.tensor([k for k, _ in picks], dtype=torch.long)
+    latent frames chosen by the sampling rule (codecs whose temporal factor is 1; with Wan's VAE
+    callers re-encode chosen pixel frames instead)."""
+    return pick_context([s.shape[2] for s in shots], strategy, budget, lambda k, f: shots[k][:, :, f],
+                        lambda k: shot_texts[k])

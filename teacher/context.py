@@ -54,11 +54,15 @@ def frames_per_shot(history: int, strategy: str, budget: int) -> list[int]:
     return [each] * (history - 1) + [each + rest]
 
 
-def sample_context(shot_lengths: Sequence[int], strategy: str, budget: int) -> list[tuple[int, int]]:
-    """(history shot index, frame index in that shot) of every context frame, in time order."""
+def sample_context(shot_lengths: Sequence[int], strategy: str, budget: int,
+                   limit: int | None = None) -> list[tuple[int, int]]:
+    """(history shot index, frame index in that shot) of every context frame, in time order; with
+    `limit`, only the newest `limit` of them (a global cache with fewer slots than the rule picks)."""
     picks: list[tuple[int, int]] = []
     for shot, (n, k) in enumerate(zip(shot_lengths, frames_per_shot(len(shot_lengths), strategy, budget))):
         picks.extend((shot, frame) for frame in evenly_spaced(n, k))
+    if limit is not None:
+        return picks[max(0, len(picks) - limit):] if limit > 0 else []
     return picks
 
 

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from student.context import Context
+
 from conftest import REPO, shotdistill
 from distill import checkpoint
 from distill.config import load_recipe
@@ -66,15 +68,16 @@ def test_loss_is_the_x0_mse_with_a_clean_context_prefix():
     stage.timesteps = torch.tensor([1000.0, 937.5, 833.3, 625.0])
     g = torch.Generator().manual_seed(1)
     batch = {"trajectory": torch.randn(2, 4, 12, 6, 8, 8, generator=g), "x0": torch.randn(2, 12, 6, 8, 8, generator=g),
-             "text": torch.randn(2, 64, 32, generator=g), "context": torch.randn(2, 12, 3, 8, 8, generator=g),
-             "context_text": torch.randn(2, 3, 64, 32, generator=g), "context_shot": torch.tensor([[0, 0, 1]] * 2)}
+             "text": torch.randn(2, 64, 32, generator=g),
+             "context": Context(torch.randn(2, 12, 3, 8, 8, generator=g), torch.randn(2, 3, 64, 32, generator=g),
+                                torch.tensor([[0, 0, 1]] * 2))}
     torch.manual_seed(7)
     out = stage.step(batch, frozenset({"student"}), step=0)
     torch.manual_seed(7)
     x_t, t, _ = chunk_inputs(batch["trajectory"], stage.timesteps, 3)
     noisy, timestep, text = engine.args
     assert torch.equal(noisy, x_t) and torch.equal(timestep, t) and torch.equal(text, batch["text"])
-    assert torch.equal(engine.kwargs["context"], batch["context"])
+    assert torch.equal(engine.kwargs["context"], batch["context"].latents)
     v = student(x_t, t, batch["text"], **engine.kwargs)
     x0 = x_t - sigma(t)[:, None, :, None, None] * v
     torch.testing.assert_close(out["student"], (x0 - batch["x0"]).pow(2).mean())

@@ -43,11 +43,11 @@ def test_sample_is_the_target_shot_with_its_sampled_context(folder):
     slot = rec["slot"]
     assert torch.equal(s["latents"], tensors[f"{slot}/shot2/latents"])
     picks = sample_context([12, 12], "dynamic", 6)
-    assert list(zip(s["context_shot"].tolist(), s["context_frame"].tolist())) == picks
+    assert s["context"].shots.tolist() == [shot for shot, _ in picks]
     for c, (shot, frame) in enumerate(picks):
-        assert torch.equal(s["context"][:, c], tensors[f"{slot}/shot{shot}/latents"][:, frame])
+        assert torch.equal(s["context"].latents[:, c], tensors[f"{slot}/shot{shot}/latents"][:, frame])
         expected = join_text([tensors[f"{slot}/global_text"], tensors[f"{slot}/shot{shot}/text"]], 64)
-        assert torch.equal(s["context_text"][c], expected)
+        assert torch.equal(s["context"].texts[c], expected)
     g, t = tensors[f"{slot}/global_text"], tensors[f"{slot}/shot2/text"]
     assert torch.equal(s["text"][: len(g)], g) and torch.equal(s["text"][len(g): len(g) + len(t)], t)
     assert not s["text"][len(g) + len(t):].any() and s["text"].shape == (64, 32)
@@ -56,7 +56,8 @@ def test_sample_is_the_target_shot_with_its_sampled_context(folder):
 
 def test_first_shot_has_empty_context(folder):
     s = ShotDataset(folder, "dynamic", 6)[0]
-    assert s["context"].shape == (12, 0, 32, 32) and s["context_text"].shape == (0, 64, 32)
+    c = s["context"]
+    assert c.latents.shape == (12, 0, 32, 32) and c.texts.shape == (0, 64, 32) and c.nonempty is None
     assert s["target_shot"].item() == 0
 
 
@@ -122,8 +123,8 @@ def test_wan_codec_stores_context_frames_encoded_alone(folder, tmp_path):
     assert tensors[f"{rec['slot']}/shot0/latents"].shape == (4, 3, 2, 2)   # 9 frames -> 1 + 2 latents
     assert tensors[f"{rec['slot']}/shot0/frames"].shape == (4, 7, 2, 2)    # one latent per candidate
     s = ds[2]
-    assert s["context"].shape == (4, 6, 2, 2)
+    assert s["context"].latents.shape == (4, 6, 2, 2)
     for c, (shot, frame) in enumerate(sample_context([9, 9], "dynamic", 6)):
-        assert torch.equal(s["context"][:, c], tensors[f"{rec['slot']}/shot{shot}/frames"][:, cands.index(frame)])
+        assert torch.equal(s["context"].latents[:, c], tensors[f"{rec['slot']}/shot{shot}/frames"][:, cands.index(frame)])
     with pytest.raises(ValueError, match="frame 1 of a shot was not prepared as a context frame"):
         ShotDataset(tmp_path / "out", "dynamic", 7)[1]

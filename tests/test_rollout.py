@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import make_tiny_wan
 
+from student.context import Context
 from distill.rollout import ReencodedContext, SelfForcingGenerator, draw_exit_step, latent_context_fn, shots
 from student.model import CausalStudent
 from student.sampling import ChunkStream
@@ -27,8 +28,8 @@ def _student(**settings) -> CausalStudent:
 
 def _context(batch: int = 2):
     gen = torch.Generator().manual_seed(11)
-    return (torch.randn(batch, 4, 2, 4, 4, generator=gen), torch.randn(batch, 2, 5, TEXT_DIM, generator=gen),
-            torch.tensor([0, 0]))
+    return Context(torch.randn(batch, 4, 2, 4, 4, generator=gen), torch.randn(batch, 2, 5, TEXT_DIM, generator=gen),
+                   torch.tensor([0, 0]))
 
 
 class PassLog:
@@ -74,11 +75,11 @@ def test_t0_pass_writes_clean_keys_and_values():
     text = torch.randn(2, 5, TEXT_DIM, generator=torch.Generator().manual_seed(1))
     context = _context()
     stream = ChunkStream(student, 2, 4, 4, keep_graph=True)
-    stream.begin_shot(text, *context)
+    stream.begin_shot(text, context)
     torch.manual_seed(0)
     chunks = [stream.next_chunk(exit_step=1) for _ in range(CHUNKS)]
     reference = ChunkStream(student, 2, 4, 4, keep_graph=True)
-    reference.begin_shot(text, *context)
+    reference.begin_shot(text, context)
     with torch.no_grad():
         for chunk in chunks:
             reference.commit(chunk.detach())
@@ -109,9 +110,10 @@ def test_multi_shot_rollout_is_inference():
         assert got.x.requires_grad
         torch.testing.assert_close(got.x.detach(), want, rtol=1e-5, atol=1e-5)
     direct = latent_context_fn(s.context_strategy, s.context_frames)(done[:2], texts[:2])
-    for a, b in zip(reencode(done[:2], texts[:2]), direct):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert rolled[2].context_shots.tolist() == [0, 0, 1, 1]
+    again = reencode(done[:2], texts[:2])
+    torch.testing.assert_close(again.latents, direct.latents, rtol=0, atol=1e-6)
+    assert torch.equal(again.texts, direct.texts) and torch.equal(again.shots, direct.shots)
+    assert rolled[2].context.shots[0].tolist() == [0, 0, 1, 1]
 
 
 def _draw_on_rank(rank: int, port: int, path: str) -> None:

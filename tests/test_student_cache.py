@@ -3,6 +3,7 @@
 import pytest
 import torch
 from helpers import make_tiny_wan, student_inputs
+from student.context import Context
 
 from student.model import CausalStudent
 from student.sampling import ChunkStream
@@ -20,9 +21,14 @@ def _inputs(frames=12, **kwargs):
     return student_inputs(frames, **kwargs)
 
 
+def _context(context, context_text):
+    """The helpers' context as a Context: two shots, 2 frames then the rest."""
+    return Context(context, context_text, torch.tensor([0, 0] + [1] * (context.shape[2] - 2)))
+
+
 def _stream(stream, x, t, text, context, context_text, commit_grad=False):
     """Every chunk through the cache at its own timesteps, each committed at the same input."""
-    stream.begin_shot(text, context, context_text, grad=commit_grad)
+    stream.begin_shot(text, _context(context, context_text), grad=commit_grad)
     outs = []
     for i in range(x.shape[2] // 3):
         xi, ti = x[:, :, 3 * i:3 * i + 3], t[:, 3 * i:3 * i + 3]
@@ -58,7 +64,7 @@ def test_detached_cache_is_written_in_place(student, monkeypatch):
     x, t, text, context, context_text = _inputs()
     with torch.no_grad():
         for shot in range(2):  # a shot boundary rebuilds the global cache in the same buffer
-            stream.begin_shot(text, context, context_text)
+            stream.begin_shot(text, _context(context, context_text))
             for _ in range(3):
                 stream.next_chunk(gen)
                 assert stream.cache.attended_tokens() <= buffer.shape[3]
@@ -71,7 +77,7 @@ def test_detached_cache_refuses_gradient(student):
     x, t, text, context, context_text = _inputs()
     stream = ChunkStream(student, 2, 4, 4)
     with torch.no_grad():
-        stream.begin_shot(text, context, context_text)
+        stream.begin_shot(text, _context(context, context_text))
     with pytest.raises(RuntimeError, match=r"^the detached KV cache cannot carry gradient; build it with "
                                            r"keep_graph=True or run the pass under torch.no_grad\(\)$"):
         stream.predict(x[:, :, :3], t[:, :3])
@@ -113,4 +119,4 @@ def test_context_larger_than_the_global_cache_is_refused(student):
     stream = ChunkStream(student, 2, 4, 4)
     with pytest.raises(ValueError, match=r"^5 context frames exceed the global cache's 4 frames \(context budget\)$"):
         with torch.no_grad():
-            stream.begin_shot(text, context, context_text)
+            stream.begin_shot(text, _context(context, context_text))

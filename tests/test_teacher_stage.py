@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from student.context import Context
+
 from distill.config import ConfigError, load_recipe, read_recipe_chain
 from distill.data.synth import SynthSettings, render_video
 from distill.eval.metrics import colour_consistency, dominant_colours, expected_colours
@@ -136,9 +138,8 @@ def _stage(dropout: float):
     g = torch.Generator().manual_seed(1)
     batch = {"latents": torch.randn(2, 12, 2, 8, 8, generator=g),
              "text": torch.randn(2, 64, 32, generator=g),
-             "context": torch.randn(2, 12, 3, 8, 8, generator=g),
-             "context_text": torch.randn(2, 3, 64, 32, generator=g),
-             "context_shot": torch.tensor([[0, 0, 1], [0, 1, 1]])}
+             "context": Context(torch.randn(2, 12, 3, 8, 8, generator=g), torch.randn(2, 3, 64, 32, generator=g),
+                                torch.tensor([[0, 0, 1], [0, 1, 1]]))}
     return stage, engine, batch
 
 
@@ -151,8 +152,8 @@ def test_loss_noises_the_target_only_and_keeps_the_context_clean():
     t, _ = stage.timesteps.draw(0, 2, torch.device("cpu"))
     noisy, timestep, text = engine.args
     assert torch.equal(noisy, add_noise(batch["latents"], noise, t)) and torch.equal(timestep, t)
-    assert torch.equal(engine.kwargs["context"], batch["context"])
-    assert torch.equal(engine.kwargs["context_shots"], batch["context_shot"])
+    assert torch.equal(engine.kwargs["context"], batch["context"].latents)
+    assert torch.equal(engine.kwargs["context_shots"], batch["context"].shots)
     v = engine.module(noisy, t, text, **engine.kwargs)
     want = (v - velocity_target(batch["latents"], noise)).pow(2).mean()
     torch.testing.assert_close(out["teacher"], want)

@@ -4,9 +4,8 @@
 
     latents       [C, F, h, w]      the target shot
     text          [L, D]            global ⊕ target caption tokens, zero-padded (L = 2·max_tokens)
-    context       [C, Fc, h, w]     history frames picked by teacher/context.py (Fc = 0 for a first shot)
-    context_text  [Fc, L, D]        each context frame's own shot text
-    context_shot, context_frame [Fc] (history shot, frame in that shot) of each context frame
+    context       Context           history frames picked by teacher/context.py, their shots' texts
+                                    and shot indices (student/context.py; Fc = 0 for a first shot)
     target_shot   []                index of the target shot in its video
     record        str               the record id
 
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from distill.data.shards import INDEX, ShardReader, read_json
+from student.context import Context, pick_context
 from teacher.context import sample_context
 from teacher.encoders import join_text
 
@@ -47,20 +47,22 @@ class PreparedData:
         parts = [self.tensor(record, "global_text"), self.tensor(record, f"shot{shot}/text")]
         return join_text(parts, self.text_len)
 
-    def context_latents(self, record: dict, picks: list[tuple[int, int]]) -> torch.Tensor:
-        """[C, Fc, h, w] latents of the (shot, frame) picks, each a single encoded frame."""
+    def context_frame(self, record: dict, shot: int, frame: int) -> torch.Tensor:
+        """[C, h, w] latents of one context frame: a latent frame of the shot, or (Wan) the frame
+        encoded on its own at preparation."""
         frames = self.settings["context"]["frames"]
-        out = []
-        for shot, frame in picks:
-            if frames == "shot":
-                out.append(self.tensor(record, f"shot{shot}/latents")[:, frame])
-                continue
-            if frame not in frames:
-                raise ValueError(f"{self.folder}: frame {frame} of a shot was not prepared as a context "
-                                 f"frame (prepared for {self.settings['strategy']} budget "
-                                 f"{self.settings['budget']}); prepare again with this context setting")
-            out.append(self.tensor(record, f"shot{shot}/frames")[:, frames.index(frame)])
-        return torch.stack(out, dim=1)
+        if frames == "shot":
+            return self.tensor(record, f"shot{shot}/latents")[:, frame]
+        if frame not in frames:
+            raise ValueError(f"{self.folder}: frame {frame} of a shot was not prepared as a context "
+                             f"frame (prepared for {self.settings['strategy']} budget "
+                             f"{self.settings['budget']}); prepare again with this context setting")
+        return self.tensor(record, f"shot{shot}/frames")[:, frames.index(frame)]
+
+    def history(self, record: dict, shots: int, strategy: str, budget: int) -> Context | None:
+        """The context of shot `shots` of `record`: picked from its ground-truth shots before it."""
+        return pick_context([self.shot_frames] * shots, strategy, budget,
+                            lambda k, f: self.context_frame(record, k, f), lambda k: self.shot_text(record, k))
 
 
 class ShotDataset:
@@ -76,30 +78,19 @@ class ShotDataset:
     def __len__(self) -> int:
         return len(self.items)
 
-    def picks(self, i: int) -> list[tuple[int, int]]:
-        _, target = self.items[i]
-        return sample_context([self.data.shot_frames] * target, self.strategy, self.budget)
-
     def group(self, i: int) -> int:
         """Items of one group have the same context length, so they stack into a batch."""
-        return len(self.picks(i))
+        _, target = self.items[i]
+        return len(sample_context([self.data.shot_frames] * target, self.strategy, self.budget))
 
     def __getitem__(self, i: int) -> dict:
         r, target = self.items[i]
         rec, data = self.data.records[r], self.data
-        picks = self.picks(i)
         latents = data.tensor(rec, f"shot{target}/latents")
         text = data.shot_text(rec, target)
-        if picks:
-            context = data.context_latents(rec, picks)
-            context_text = torch.stack([data.shot_text(rec, s) for s, _ in picks])
-        else:
-            context = latents.new_zeros(latents.shape[0], 0, *latents.shape[2:])
-            context_text = text.new_zeros(0, *text.shape)
-        return {"latents": latents, "text": text, "context": context, "context_text": context_text,
-                "context_shot": torch.tensor([s for s, _ in picks], dtype=torch.long),
-                "context_frame": torch.tensor([f for _, f in picks], dtype=torch.long),
-                "target_shot": torch.tensor(target), "record": rec["id"]}
+        context = data.history(rec, target, self.strategy, self.budget) or Context.empty_like(latents, text)
+        return {"latents": latents, "text": text, "context": context, "target_shot": torch.tensor(target),
+                "record": rec["id"]}
 
 
 class PromptDataset:

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from student.context import Context
+
 
 def epoch_batches(dataset, batch_size: int, seed: int, epoch: int, rank: int, world: int,
                   shuffle: bool = True) -> list[list[int]]:
@@ -42,11 +44,13 @@ def epoch_batches(dataset, batch_size: int, seed: int, epoch: int, rank: int, wo
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack tensors (same shapes required), list everything else."""
+    """Stack tensors and contexts (same shapes required), list everything else."""
     out = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
-        if isinstance(values[0], torch.Tensor):
+        if isinstance(values[0], Context):
+            out[key] = Context.stack(values)
+        elif isinstance(values[0], torch.Tensor):
             shapes = {tuple(v.shape) for v in values}
             if len(shapes) > 1:
                 raise ValueError(f"cannot batch {key!r} of shapes {sorted(shapes)}")

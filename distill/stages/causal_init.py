@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from distill.data.stream import DataStream
 from distill.stages.ode_pairs import OdePairDataset, OdePairsStage, student_timesteps, teacher_dir
 from distill.trainer import TrainedModel, Trainer
+from student.context import Context, kwargs_of
 from student.model import CausalStudent
 from teacher.flow import sigma, x0_from_velocity
 
@@ -110,11 +111,8 @@ def student_sample(student: CausalStudent, item: dict, device, steps: int | None
     _, frames, height, width = item["x0"].shape
     chunk = student.settings.chunk_frames
     stream = ChunkStream(student, 1, height, width, device=device, dtype=dtype)
-    context = (None, None, None)
-    if item["context"].shape[1]:
-        context = (item["context"][None].to(device, dtype), item["context_text"][None].to(device, dtype),
-                   item["context_shot"])
-    stream.begin_shot(item["text"][None].to(device, dtype), *context)
+    context = item["context"].nonempty and Context.stack([item["context"]]).to(device, dtype)
+    stream.begin_shot(item["text"][None].to(device, dtype), context)
     times = stream.timesteps[:steps]
     levels = [float(sigma(torch.tensor(t))) for t in times]
     out = []
@@ -212,11 +210,7 @@ class CausalInitStage:
         dtype = next(engine.module.parameters()).dtype
         x_t, t, _ = chunk_inputs(batch["trajectory"], self.timesteps, self.cfg.student.chunk_frames)
         x_t, t = x_t.to(device), t.to(device)
-        context = {}
-        if batch["context"].shape[2] > 0:
-            context = {"context": batch["context"].to(device, dtype),
-                       "context_text": batch["context_text"].to(device, dtype),
-                       "context_shots": batch["context_shot"].to(device)}
+        context = kwargs_of(batch["context"].nonempty and batch["context"].to(device, dtype))
         v = engine(x_t.to(dtype), t, batch["text"].to(device, dtype), **context)
         x0 = x0_from_velocity(x_t, v.float(), t)
         return {"student": (x0 - batch["x0"].to(device)).pow(2).mean()}

@@ -36,7 +36,7 @@ from distill.eval.media import MediaLog
 from distill.rollout import ReencodedContext, SelfForcingGenerator, draw_exit_step, latent_context_fn
 from distill.rollout import shots as rollout_shots
 from distill.trainer import TrainedModel, Trainer, place_frozen
-from teacher.context import sample_context
+from student.context import Context, kwargs_of
 from teacher.encoders import join_text, pixels_to_uint8
 
 STUDENT_DIR = "student"
@@ -215,36 +215,27 @@ class DMDStage:
         return out
 
     # ---- one step ---------------------------------------------------------------------------
-    def _prompts(self, batch: dict) -> tuple[list[torch.Tensor], tuple | None]:
+    def _prompts(self, batch: dict) -> tuple[list[torch.Tensor], Context | None]:
         """The shots' texts [B, L, D] and the first shot's context (ground truth in dmd_intra)."""
         device = self.env.device
         if self.inter:
             return list(batch["texts"].to(device).unbind(1)), None
-        if batch["context"].shape[2] == 0:
-            return [batch["text"].to(device)], None
-        return [batch["text"].to(device)], (batch["context"].to(device), batch["context_text"].to(device),
-                                            batch["context_shot"].to(device))
+        context = batch["context"].nonempty
+        return [batch["text"].to(device)], context and context.to(device)
 
-    def _ground_truth_context(self, batch: dict, shot: int) -> tuple:
+    def _ground_truth_context(self, batch: dict, shot: int) -> Context | None:
         """The records' ground-truth history before `shot` (dmd_inter), picked by the student's rule."""
         data, s = self.prepared, self.trainer.engines["generator"].module.student.settings
         by_id = {r["id"]: r for r in data.records}
-        records = [by_id[i] for i in batch["record"]]
-        picks = sample_context([data.shot_frames] * shot, s.context_strategy, s.context_frames)
-        context = torch.stack([data.context_latents(r, picks) for r in records])
-        texts = torch.stack([torch.stack([data.shot_text(r, k) for k, _ in picks]) for r in records])
-        return context, texts, torch.tensor([k for k, _ in picks], dtype=torch.long)
+        picked = [data.history(by_id[i], shot, s.context_strategy, s.context_frames) for i in batch["record"]]
+        return None if picked[0] is None else Context.stack(picked)
 
     def _score_kwargs(self, shot, batch: dict, k: int) -> dict:
         """Context arguments of the real score and the critic for shot k."""
-        context = (shot.context, shot.context_text, shot.context_shots)
+        context = shot.context
         if self.inter and k > 0 and self.cfg.dmd.score_context == "ground_truth":
             context = self._ground_truth_context(batch, k)
-        if context[0] is None:
-            return {}
-        device = self.env.device
-        return {"context": context[0].to(device, self.dtype), "context_text": context[1].to(device, self.dtype),
-                "context_shots": context[2].to(device)}
+        return kwargs_of(context and context.to(self.env.device, self.dtype))
 
     def step(self, batch: dict, due: frozenset, step: int) -> dict[str, torch.Tensor]:
         """Rollout, then the critic's loss (every step) and the generator's DMD loss (when due)."""

@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from distill.data.components import build_text_encoder, prepared_dir
 from distill.data.datasets import ShotDataset
 from distill.data.shards import INDEX, ShardReader, read_json, shard_name, write_json, write_shard
+from student.context import Context, kwargs_of
 from student.model import StudentSettings
 from student.sampling import denoising_timesteps
 from teacher.encoders import join_text
@@ -95,11 +96,8 @@ def sample_pair(teacher, item: dict, noise: torch.Tensor, negative: torch.Tensor
     """The teacher's sampler on one dataset item from `noise` [1, C, F, h, w] (its dtype is the
     model's); returns the sampler's `SampleResult` (x0 [1, ...], trajectory [K, 1, ...])."""
     device, dtype = noise.device, noise.dtype
-    extra = {}
-    if item["context"].shape[1] > 0:
-        extra = {"context": item["context"][None].to(device, dtype),
-                 "context_text": item["context_text"][None].to(device, dtype),
-                 "context_shots": item["context_shot"][None].to(device)}
+    context = item["context"].nonempty
+    extra = kwargs_of(context and Context.stack([context]).to(device, dtype))
     denoise = lambda x, t, txt: teacher(x, t, txt, **extra)  # noqa: E731
     return sample(denoise, item["text"][None].to(device, dtype), noise, negative_text=negative,
                   guidance_scale=ode.guidance_scale, steps=ode.steps, shift=ode.shift, keep_timesteps=keep)
@@ -107,14 +105,14 @@ def sample_pair(teacher, item: dict, noise: torch.Tensor, negative: torch.Tensor
 
 def pair_tensors(slot: int, item: dict, noise: torch.Tensor, result, dtype: torch.dtype) -> dict:
     """A pair's shard entries (see module doc), on the CPU in the storage dtype."""
-    shots = item["context_shot"]
-    distinct, first = torch.unique(shots, return_inverse=True)
+    context = item["context"]
+    distinct, first = torch.unique(context.shots, return_inverse=True)
     rows = [int((first == u).nonzero()[0]) for u in range(len(distinct))]
     store = lambda x: x.detach().to("cpu", dtype).contiguous()  # noqa: E731
     return {f"{slot}/noise": store(noise[0]), f"{slot}/trajectory": store(result.trajectory[:, 0]),
             f"{slot}/x0": store(result.x0[0]), f"{slot}/text": store(item["text"]),
-            f"{slot}/context": store(item["context"]), f"{slot}/context_shot": shots.long().contiguous(),
-            f"{slot}/shot_texts": store(item["context_text"][rows])}
+            f"{slot}/context": store(context.latents), f"{slot}/context_shot": context.shots.long().contiguous(),
+            f"{slot}/shot_texts": store(context.texts[rows])}
 
 
 class OdePairsStage:
@@ -210,7 +208,7 @@ class OdePairsStage:
                     tensors.update(pair_tensors(slot, item, noise, result, store))
                     pairs.append({"pair": i, "item": j, "record": item["record"],
                                   "target_shot": int(item["target_shot"]),
-                                  "context_frames": int(item["context"].shape[1])})
+                                  "context_frames": item["context"].frames})
                     bar.update(1)
                 write_shard(self.out, shard_name(k), tensors, {"fingerprint": fingerprint, "pairs": pairs})
 
@@ -236,8 +234,8 @@ class OdePairsStage:
 class OdePairDataset:
     """An ODE-pair folder as samples: item n is pair n of index.json (a `DataStream` dataset).
 
-    Items hold float32 tensors: noise, trajectory [K, C, F, h, w], x0, text, context, context_text
-    [Fc, L, D] (rebuilt from the per-shot texts), context_shot; plus the pair's record and target shot.
+    Items hold float32 tensors: noise, trajectory [K, C, F, h, w], x0, text, the `Context` (its texts
+    rebuilt from the per-shot texts); plus the pair's record and target shot.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -265,7 +263,8 @@ class OdePairDataset:
         pair = self.pairs[n]
         shots = self.tensor(pair, "context_shot").long()
         _, which = torch.unique(shots, return_inverse=True)
-        out = {key: self.tensor(pair, key).float() for key in ("noise", "trajectory", "x0", "text", "context")}
-        out["context_text"] = self.tensor(pair, "shot_texts").float()[which]
-        return {**out, "context_shot": shots, "record": pair["record"],
+        out = {key: self.tensor(pair, key).float() for key in ("noise", "trajectory", "x0", "text")}
+        out["context"] = Context(self.tensor(pair, "context").float(), self.tensor(pair, "shot_texts").float()[which],
+                                 shots)
+        return {**out, "record": pair["record"],
                 "target_shot": torch.tensor(pair["target_shot"]), "pair": torch.tensor(pair["pair"])}

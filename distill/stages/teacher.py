@@ -109,13 +109,10 @@ class TeacherStage:
         noise = torch.randn_like(x0)
         t, strata = self.timesteps.draw(step, x0.shape[0], device)
         x_t = add_noise(x0, noise, t)
-        context = {}
-        use_context = batch["context"].shape[2] > 0 and bool(torch.rand(()) >= self.cfg.teacher.context_dropout)
-        if use_context:
-            context = {"context": batch["context"].to(device, dtype),
-                       "context_text": batch["context_text"].to(device, dtype),
-                       "context_shots": batch["context_shot"].to(device)}
-        v = engine(x_t.to(dtype), t, batch["text"].to(device, dtype), **context)
+        context = batch["context"].nonempty
+        use_context = context is not None and bool(torch.rand(()) >= self.cfg.teacher.context_dropout)
+        extra = context.to(device, dtype).kwargs() if use_context else {}
+        v = engine(x_t.to(dtype), t, batch["text"].to(device, dtype), **extra)
         per_sample = (v.float() - velocity_target(x0, noise)).pow(2).flatten(1).mean(1)
         return {"teacher": per_sample.mean(), "context_used": torch.tensor(float(use_context)),
                 **self.timesteps.record(step, strata, per_sample)}
