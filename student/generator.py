@@ -12,7 +12,7 @@ each chunk's decoded frames as soon as they exist. A shot joins the history only
 to the end; a shot abandoned part-way (generator closed, or a new shot started) is forgotten.
 
 Text: the model's text is the global prompt's tokens ⊕ the shot prompt's tokens, zero-padded to
-2·max_tokens, the layout the student was trained on (distill/data/datasets.py `shot_text`).
+2·max_tokens, the layout the student was trained on (`T5TextEncoder.shot_text`).
 
 History: at every shot start the global cache is rebuilt from frames of the generator's own finished
 shots, picked by the student's context rule (`context_strategy`, budget `context_frames`), and the
@@ -54,8 +54,8 @@ from student.context import Context, pick_context
 from student.model import CausalStudent
 from student.sampling import ChunkStream
 from teacher.context import candidate_frames, sample_context
-from teacher.encoders import (DTYPES, Codec, PatchCodec, T5TextEncoder, WanVAECodec, join_text, pixels_from_uint8,
-                              pixels_to_uint8, text_length)
+from teacher.encoders import (DTYPES, Codec, PatchCodec, T5TextEncoder, WanVAECodec, pixels_from_uint8,
+                              pixels_to_uint8)
 
 
 
@@ -139,11 +139,9 @@ class StreamingGenerator:
                              f"{student.transformer.config.text_dim}")
         self.latent_size = (video.height // sf, video.width // sf)
         student.backbone.check_latents("latents", torch.empty(1, codec.channels, s.chunk_frames, *self.latent_size))
-        self.text_len = text_length(text_encoder.max_tokens, 2)
         self.stream = ChunkStream(student, 1, *self.latent_size)
         self.rng = torch.Generator(device=self.device)
         self.global_prompt = global_prompt
-        self._global_tokens = self._tokens(global_prompt)
         self._epoch = 0
         self.references: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.history_budget = s.context_frames
@@ -188,15 +186,9 @@ class StreamingGenerator:
         self.history_budget = capacity - len(self.references)
 
     # ---- text ------------------------------------------------------------------------------
-    def _tokens(self, prompt: str) -> list[torch.Tensor]:
-        return [] if not prompt.strip() else self.text_encoder.encode([prompt])
-
     def _model_text(self, caption: str) -> torch.Tensor:
-        """[L, D]: the global prompt's tokens ⊕ the caption's, zero-padded (the training layout)."""
-        parts = self._global_tokens + self._tokens(caption)
-        if not parts:
-            return torch.zeros(self.text_len, self.text_encoder.dim, device=self.device)
-        return join_text(parts, self.text_len).to(self.device)
+        """[L, D]: the global prompt ⊕ the caption, the training layout."""
+        return self.text_encoder.shot_text(self.global_prompt, caption).to(self.device)
 
     # ---- frame counts ------------------------------------------------------------------------
     def frames_for(self, chunks: int) -> int:

@@ -197,6 +197,20 @@ class T5TextEncoder:
         return [h[:n].float().cpu() for h, n in zip(hidden, mask.sum(dim=1).tolist())]
 
 
+    def model_text(self, captions: Sequence[str]) -> torch.Tensor:
+        """[L, D] on the CPU: the real tokens of each caption in order (global ⊕ shot, the layout every
+        model reads; each caption encoded on its own), zero-padded to `text_length(max_tokens)`; no
+        caption gives zeros."""
+        length = text_length(self.max_tokens)
+        if not captions:
+            return torch.zeros(length, self.dim)
+        return join_text([self.encode([c])[0] for c in captions], length)
+
+    def shot_text(self, global_caption: str, caption: str) -> torch.Tensor:
+        """[L, D]: a shot's model text, the global caption ⊕ the shot caption (a blank one adds nothing)."""
+        return self.model_text([c for c in (global_caption, caption) if c.strip()])
+
+
 def word_tokenizer(vocabulary: Sequence[str], max_tokens: int):
     """A word-level fast tokenizer over `vocabulary` with [PAD]/[UNK]/[EOS]; appends [EOS]."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors

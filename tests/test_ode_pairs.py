@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import REPO, free_port, shotdistill
-from distill.data.components import prepared_dir
+from distill.data.components import negative_text, prepared_dir
 from distill.data.datasets import ShotDataset
 from distill.models import load_teacher
 from distill.runner import plan, run_recipe
-from distill.stages.ode_pairs import (OdePairDataset, OdePairsStage, negative_text, pair_noise, pair_tensors,
+from distill.stages.ode_pairs import (OdePairDataset, OdePairsStage, pair_noise, pair_tensors,
                                       sample_pair, student_timesteps)
 
 TINY = REPO / "recipes" / "tiny"
@@ -62,7 +62,7 @@ def test_stored_pairs_are_the_samplers_output(pairs_run):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the stage sampled
     teacher = load_teacher(run / "teacher" / "model").eval().to(device)
     dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget)
-    negative = negative_text(cfg, dataset.data.text_len, device, torch.float32)
+    negative = negative_text(cfg, device, torch.float32)
     assert negative is not None
     with_context = [n for n in range(len(pairs)) if pairs.group(n) > 0]
     assert with_context and len(with_context) < len(pairs)

@@ -47,6 +47,13 @@ def build_text_encoder(text: DictConfig, device: str | torch.device = "cpu") -> 
                                          dtype=DTYPES[text.dtype])
 
 
+def negative_text(cfg: DictConfig, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[1, L, D]: `sampler.negative_prompt`, the unconditional text of CFG, in the model text layout.
+    Encoded on the CPU: a UMT5-XXL on the GPU would hold ~11 GB for one prompt."""
+    text = build_text_encoder(cfg.text_encoder, "cpu").model_text([cfg.sampler.negative_prompt])
+    return text.unsqueeze(0).to(device, dtype)
+
+
 def synth_settings(synth: DictConfig) -> SynthSettings:
     return SynthSettings(videos=synth.videos, seed=synth.seed, height=synth.height, width=synth.width,
                          fps=synth.fps, min_shots=synth.min_shots, max_shots=synth.max_shots,

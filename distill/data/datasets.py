@@ -22,7 +22,7 @@ import torch
 from distill.data.shards import INDEX, ShardReader, read_json
 from student.context import Context, pick_context
 from teacher.context import sample_context
-from teacher.encoders import join_text
+from teacher.encoders import join_text, text_length
 
 
 class PreparedData:
@@ -36,7 +36,7 @@ class PreparedData:
         self.settings: dict = index["settings"]
         self.records: list[dict] = index["records"]
         self.reader = ShardReader(self.folder)
-        self.text_len = 2 * self.settings["text"]["max_tokens"]
+        self.text_len = text_length(self.settings["text"]["max_tokens"])
         self.shot_frames = self.settings["shot_frames"]
 
     def tensor(self, record: dict, key: str) -> torch.Tensor:

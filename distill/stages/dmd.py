@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distill.data.components import build_codec, build_text_encoder, prepared_dir, prompt_stream, shot_stream
+from distill.data.components import build_codec, negative_text, prepared_dir, prompt_stream, shot_stream
 from distill.data.datasets import PreparedData, PromptDataset
 from distill.dmd import critic_loss, draw_timesteps, generator_loss
 from distill.ema import EMA
@@ -37,7 +37,7 @@ from distill.rollout import ReencodedContext, SelfForcingGenerator, draw_exit_st
 from distill.rollout import shots as rollout_shots
 from distill.trainer import TrainedModel, Trainer, place_frozen
 from student.context import Context, kwargs_of
-from teacher.encoders import join_text, pixels_to_uint8
+from teacher.encoders import pixels_to_uint8
 
 STUDENT_DIR = "student"
 
@@ -153,20 +153,14 @@ class DMDStage:
             if self.cfg.dmd.context_from == "latents" else ReencodedContext(self.codec, s.context_strategy,
                                                                              s.context_frames)
 
-    def _negative(self) -> torch.Tensor:
-        """[L, D] embedding of sampler.negative_prompt (the unconditional text), encoded on the CPU
-        once: the UMT5-XXL encoder would otherwise claim ~11 GB of GPU memory for a single prompt."""
-        encoder = build_text_encoder(self.cfg.text_encoder, "cpu")
-        text = join_text(encoder.encode([self.cfg.sampler.negative_prompt]), self.prepared.text_len)
-        return text.to(self.env.device, self.dtype)
-
     # ---- run ------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
         cfg, env = self.cfg, self.env
         generator, critic, self.real = self.build()
         self.codec = build_codec(cfg.codec, env.device)
         self._geometry(generator.student)
-        self.negative = self._negative() if cfg.dmd.guidance != 0 or cfg.sampler.guidance_scale != 1 else None
+        guided = cfg.dmd.guidance != 0 or cfg.sampler.guidance_scale != 1
+        self.negative = negative_text(cfg, env.device, self.dtype)[0] if guided else None
         self.media = MediaLog(self.ctx.tb_dir, Path(self.ctx.stage_dir).name, env.is_main, cfg.logging.tensorboard)
         self.exit_steps: list[int] = []
         scores = self.evaluate(generator.student.to(env.device), "before", teacher=True)

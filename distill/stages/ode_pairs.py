@@ -34,13 +34,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from distill.data.components import build_text_encoder, prepared_dir
+from distill.data.components import negative_text, prepared_dir
 from distill.data.datasets import ShotDataset
 from distill.data.shards import INDEX, ShardReader, read_json, shard_name, write_json, write_shard
 from student.context import Context, kwargs_of
 from student.model import StudentSettings
 from student.sampling import denoising_timesteps
-from teacher.encoders import join_text
 from teacher.sampler import draw_noise, sample
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -81,14 +80,6 @@ def teacher_fingerprint(model_dir: Path) -> str:
     if missing:
         raise FileNotFoundError(f"{missing[0]}: the teacher stage has not finished")
     return hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()[:16]
-
-
-def negative_text(cfg: DictConfig, length: int, device, dtype) -> torch.Tensor | None:
-    """[1, L, D] embedding of `sampler.negative_prompt`, or None when `ode.guidance_scale` is 1."""
-    if cfg.ode.guidance_scale == 1.0:
-        return None
-    encoder = build_text_encoder(cfg.text_encoder, device)
-    return join_text(encoder.encode([cfg.sampler.negative_prompt]), length).unsqueeze(0).to(device, dtype)
 
 
 def sample_pair(teacher, item: dict, noise: torch.Tensor, negative: torch.Tensor | None,
@@ -193,7 +184,7 @@ class OdePairsStage:
         cfg, env = self.cfg, self.ctx.env
         per, total, keep = cfg.ode.pairs_per_shard, cfg.ode.pairs, fingerprint["timesteps"]
         dtype = next(teacher.parameters()).dtype
-        negative = negative_text(cfg, dataset.data.text_len, env.device, dtype)
+        negative = None if cfg.ode.guidance_scale == 1.0 else negative_text(cfg, env.device, dtype)
         store = STORE_DTYPES[cfg.ode.dtype]
         count = sum(min(per, total - k * per) for k in todo)
         with tqdm(total=count, desc="ode-pairs", unit="pair", file=sys.stderr, dynamic_ncols=True,
