@@ -1,10 +1,12 @@
 """Handlers of `shotdistill eval` and `shotdistill compare`.
 
 `eval EXPORT_OR_RUN`: with a run folder, the recipe is the run's (its `eval/config.yaml` when the eval
-stage ran, else `config.yaml`), the prompts default to its prepared records and the outputs go to
-`<run>/eval/` (+ TensorBoard `<run>/tb/eval/`), where `compare` finds them; with an export folder,
-`--prompts` is required, the `eval.*` keys are the schema's defaults, and outputs go to
-`<export>-eval/`. `key=value` overrides (e.g. `eval.features.kind=dino`) apply in both cases.
+stage ran, else `config.yaml`), the prompts default to its prepared records, and the run is evaluated
+as the eval stage does it (the same function): its final student and every stage of `eval.stages`,
+with `stages.md`; the outputs go to `<run>/eval/` (+ TensorBoard `<run>/tb/eval/`), where `compare`
+finds them. With an export folder, `--prompts` is required, the `eval.*` keys are the schema's
+defaults (no `eval.stages`), and outputs go to `<export>-eval/`. `key=value` overrides (e.g.
+`eval.features.kind=dino`) apply in both cases.
 """
 
 from __future__ import annotations
@@ -34,12 +36,16 @@ def _export_config(overrides: list[str]):
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """Generate, time and score the prompts with an export (or a run's newest student)."""
-    from distill.checkpoint import write_atomic
-    from distill.eval.scoring import evaluate as run_evaluation
-    from distill.eval.scoring import resolve_export, select_prompts
+    """Generate, time and score the prompts with an export, or a run's final student and its
+    `eval.stages` (the eval stage's code path: distill/eval/stages.py `evaluate_run`)."""
+    import torch
+
+    from distill.eval.prompts import select_prompts
+    from distill.eval.run import EvalRun
+    from distill.eval.stages import evaluate_run
     from distill.stages.eval import check_eval
     from launch.serve import quiet_loading
+    from teacher.files import write_atomic
 
     source = Path(args.source)
     if not source.is_dir():
@@ -54,24 +60,26 @@ def evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else source / "eval" if is_run else source.parent / f"{source.name}-eval"
     prompts = select_prompts(cfg.eval, Path(cfg.data.prepared) if cfg.data.prepared else source / "prepare")
     quiet_loading()
-    export = resolve_export(source, out)
     tb = source / "tb" / "eval" if is_run and not args.out else out / "tb"
     seed = cfg.run.seed if args.seed is None else args.seed
-    metrics = run_evaluation(export, prompts, out, cfg.eval, args.device, seed, tb)
+    run = EvalRun(torch.device(args.device), seed, ev=cfg.eval, out=out, tb_dir=tb)
+    metrics, table = evaluate_run(source if is_run else None, prompts, run, export=None if is_run else source)
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     report = json.loads((out / "report.json").read_text())
     for name, value in metrics.items():
         print(f"{name:<20} {value:.4g}")
-    for name, why in report["skipped"].items():
+    for name, why in report.get("skipped", {}).items():
         print(f"{name:<20} skipped: {why}")
+    if cfg.eval.stages:
+        print(table, end="")
     print(f"wrote {out / 'metrics.json'} ({len(prompts)} videos under {out / 'samples'})")
     return 0
 
 
 def compare(args: argparse.Namespace) -> int:
     """Print (and with --out write) the markdown table of the runs' final numbers."""
-    from distill.checkpoint import write_atomic
     from distill.eval.compare import comparison_table
+    from teacher.files import write_atomic
 
     table = comparison_table(args.runs)
     print(table, end="")

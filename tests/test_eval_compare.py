@@ -8,12 +8,12 @@ import torch
 import yaml
 from helpers import make_tiny_wan
 
-from distill.eval.compare import comparison_table, format_cell, run_axes, variants
 from distill.config import load_recipe
+from distill.eval.compare import comparison_table, format_cell, run_axes, variants
 from distill.eval.features import FeatureExtractor, feature_consistency
+from distill.eval.stages import EMPTY_STAGES
 from distill.logging import read_scalars
 from distill.runner import format_summary, run_recipe
-from distill.stages.eval import EMPTY_STAGES
 from distill.stages.prepare import prepare
 from launch.cli import main
 from student.export import export_student
@@ -193,6 +193,30 @@ def test_eval_is_deterministic_and_cli_on_the_run_matches_the_stage(run, evaluat
     stage, cli = (json.loads((d / "metrics.json").read_text()) for d in (evaluated, out))
     assert _scores(cli) == _scores(stage) and _scores(cli)
     assert "cut_accuracy" in capsys.readouterr().out
+
+
+def test_cli_eval_of_a_run_scores_its_stages_as_the_eval_stage_does(staged, tmp_path, capsys):
+    """`shotdistill eval RUN eval.stages=[...]` runs the eval stage's code path: the same final and
+    per-stage numbers, `stages` report entry, stages.md rows and scalars; a run without a student
+    (the teacher-only run, its recipe's eval.stages) is scored through its teacher alone."""
+    ev = staged[0]
+    out = tmp_path / "cli"
+    assert main(["eval", str(ev.parent), "--out", str(out), "eval.stages=[teacher,causal-init]"]) == 0
+    cli, stage = (json.loads((d / "metrics.json").read_text()) for d in (out, ev))
+    assert {k.split("/")[0] for k in cli if "/" in k} == {"teacher", "causal-init"}
+    for prefix in ("", "teacher/", "causal-init/"):
+        assert _scores(cli, prefix) == _scores(stage, prefix) and _scores(cli, prefix)
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"] == {"evaluated": {"teacher": "stages/teacher/report.json",
+                                              "causal-init": "stages/causal-init/report.json"}, "skipped": {}}
+    table = (out / "stages.md").read_text()
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| teacher", "| causal-init"]
+    assert table in capsys.readouterr().out
+    assert read_scalars(out / "tb", "eval/teacher/cut_accuracy") == {1: pytest.approx(cli["teacher/cut_accuracy"])}
+    teacher_only = staged[1].parent
+    assert main(["eval", str(teacher_only), "--out", str(tmp_path / "t")]) == 0
+    assert {k.split("/")[0] for k in json.loads((tmp_path / "t" / "metrics.json").read_text())} == {"teacher"}
+    assert json.loads((tmp_path / "t" / "report.json").read_text())["export"] is None
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,24 @@
-"""The next-shot teacher as a multi-shot video maker, so it is evaluated like a student export.
+"""Models as multi-shot video makers: one protocol, a student maker over a serving export, the teacher's.
 
-A teacher stage folder holds the trained model (`model/`) and the resolved recipe it trained with
-(`config.yaml`); from that recipe come the sampler (`sampler.*`: steps, shift, guidance and its
-negative prompt), the codec, the text encoder, the shot length (`data.shot_frames`), the frame rate
-and the context rule (`data.context.*`, the rule the student is initialised with). A prompt's shots
-are sampled one after another by `distill.eval.multishot.teacher_shots`, each later shot conditioned
-on frames of the teacher's own earlier shots picked by that rule (latent frames when the codec's
-frames are latents, else decoded frames re-encoded one by one, as the streaming student does). The
-model text of a shot is the global caption's tokens ⊕ the shot caption's, zero-padded, as the
-student's. Timing matches the student's: from the first caption's encoding to the first decoded
-shot (`first_chunk_s`: the teacher's first frames come with its whole first shot) and to the last.
+A `VideoMaker` is called as (prompt, seed) -> `Video` and carries its frame rate and a `source`
+entry naming the model for report.json; `distill.eval.scoring.score_videos` scores any of them.
+
+The student (`load_student_maker`) is the serving export generated shot by shot by a
+`StreamingGenerator` (global caption as its global prompt, the seed as its seed), exactly as serving
+runs it, each shot at the export's training length; `first_chunk_s` is the time from the first
+shot's request to its first decoded chunk, `seconds` the whole generation.
+
+The teacher (`load_teacher_maker`): a teacher stage folder holds the trained model (`model/`) and
+the resolved recipe it trained with (`config.yaml`); from that recipe come the sampler (`sampler.*`:
+steps, shift, guidance and its negative prompt), the codec, the text encoder, the shot length
+(`data.shot_frames`), the frame rate and the context rule (`data.context.*`, the rule the student is
+initialised with). A prompt's shots are sampled one after another by
+`distill.eval.multishot.teacher_shots`, each later shot conditioned on frames of the teacher's own
+earlier shots picked by that rule (latent frames when the codec's frames are latents, else decoded
+frames re-encoded one by one, as the streaming student does). The model text of a shot is the global
+caption's tokens ⊕ the shot caption's, zero-padded, as the student's. Timing matches the student's:
+from the first caption's encoding to the first decoded shot (`first_chunk_s`: the teacher's first
+frames come with its whole first shot) and to the last.
 """
 
 from __future__ import annotations
@@ -17,14 +26,78 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import torch
 from omegaconf import DictConfig
 
-from distill.eval.scoring import Prompt, Video, score_videos
+from distill.eval.prompts import Prompt
 from distill.rollout import ContextFn
-from teacher.encoders import DTYPES, Codec, T5TextEncoder, join_text, pixels_to_uint8, text_length
+from teacher.encoders import DTYPES, Codec, T5TextEncoder, pixels_to_uint8
+
+if TYPE_CHECKING:
+    from student.generator import VideoSettings
+
+
+@dataclass
+class Video:
+    frames: torch.Tensor  # uint8 [F, H, W, 3]
+    shot_lengths: list[int]
+    first_chunk_s: float
+    seconds: float
+
+
+class VideoMaker(Protocol):
+    """(prompt, seed) -> the prompt's multi-shot video, timed around generation only."""
+
+    fps: float  # frame rate of the videos it makes
+    source: dict  # what report.json says the videos came from, e.g. {"export": folder}
+
+    def __call__(self, prompt: Prompt, seed: int) -> Video: ...
+
+
+@dataclass
+class StudentVideoMaker:
+    """A serving export's student and components; call it as (prompt, seed) -> Video."""
+
+    student: torch.nn.Module
+    codec: Codec
+    text_encoder: T5TextEncoder
+    video: VideoSettings
+    source: dict
+
+    @property
+    def fps(self) -> float:
+        return self.video.fps
+
+    def __call__(self, prompt: Prompt, seed: int) -> Video:
+        """All shots of `prompt`, streamed shot by shot; seconds count generation only."""
+        from student.generator import StreamingGenerator
+
+        gen = StreamingGenerator(self.student, self.codec, self.text_encoder, self.video,
+                                 global_prompt=prompt.global_caption, seed=seed)
+        chunks, lengths, first = [], [], None
+        start = time.perf_counter()
+        for caption in prompt.captions:
+            made = 0
+            for chunk in gen.next_shot(caption):
+                first = time.perf_counter() - start if first is None else first
+                chunks.append(chunk)
+                made += chunk.shape[0]
+            lengths.append(made)
+        seconds = time.perf_counter() - start
+        return Video(torch.cat(chunks), lengths, first, seconds)
+
+
+def load_student_maker(export: str | Path, device: str | torch.device, dtype: str) -> StudentVideoMaker:
+    """The student of a serving export folder, in `dtype` (a recipe dtype name), ready to make videos."""
+    from student.export import load_student, read_export
+    from student.generator import load_components
+
+    info = read_export(export)
+    codec, text, video = load_components(info.components, info.folder, device)
+    student = load_student(info.folder, torch_dtype=DTYPES[dtype]).to(device)
+    return StudentVideoMaker(student, codec, text, video, {"export": str(info.folder)})
 
 
 @dataclass
@@ -39,14 +112,13 @@ class TeacherVideoMaker:
     negative: torch.Tensor | None  # [1, L, D]
     context_fn: ContextFn
     dtype: torch.dtype
+    fps: float
+    source: dict
 
     def text(self, global_caption: str, caption: str) -> torch.Tensor:
-        """[1, L, D]: the global caption's tokens ⊕ the shot caption's, zero-padded (the training layout)."""
-        parts = [self.text_encoder.encode([c])[0] for c in (global_caption, caption) if c.strip()]
-        length = text_length(self.text_encoder.max_tokens, 2)
+        """[1, L, D]: the shot's model text (the training layout) on the teacher's device."""
         device = next(self.teacher.parameters()).device
-        text = join_text(parts, length) if parts else torch.zeros(length, self.text_encoder.dim)
-        return text[None].to(device, self.dtype)
+        return self.text_encoder.shot_text(global_caption, caption)[None].to(device, self.dtype)
 
     def __call__(self, prompt: Prompt, seed: int) -> Video:
         from distill.eval.multishot import teacher_shots
@@ -65,13 +137,13 @@ class TeacherVideoMaker:
         return Video(torch.cat(frames), lengths, first, time.perf_counter() - start)
 
 
-def load_teacher_maker(stage: str | Path, device: str | torch.device, dtype: str) -> tuple[TeacherVideoMaker, float]:
-    """The teacher of a finished teacher stage folder, ready to make videos, and its frame rate."""
+def load_teacher_maker(stage: str | Path, device: str | torch.device, dtype: str) -> TeacherVideoMaker:
+    """The teacher of a finished teacher stage folder, in `dtype` (a recipe dtype name), ready to make videos."""
     from distill.config import load_recipe
     from distill.data.components import build_codec, build_text_encoder
+    from distill.eval.multishot import guided_negative
     from distill.models import load_teacher
     from distill.rollout import ReencodedContext, latent_context_fn
-    from distill.eval.probes import negative_text
     from distill.stages.teacher import MODEL_DIR
 
     stage = Path(stage)
@@ -85,13 +157,6 @@ def load_teacher_maker(stage: str | Path, device: str | torch.device, dtype: str
     rule = cfg.data.context
     context_fn = latent_context_fn(rule.strategy, rule.budget) if codec.frames_are_latents \
         else ReencodedContext(codec, rule.strategy, rule.budget)
-    negative = negative_text(cfg, text_length(encoder.max_tokens, 2), device, torch_dtype)
-    maker = TeacherVideoMaker(teacher, codec, encoder, shape, cfg.sampler, negative, context_fn, torch_dtype)
-    return maker, float(cfg.data.fps)
-
-
-def evaluate_teacher(stage: str | Path, prompts: list[Prompt], out: str | Path, ev, device: str | torch.device,
-                     seed: int, rank: int = 0, world: int = 1) -> dict[str, float]:
-    """`distill.eval.scoring.evaluate` for a teacher stage folder: same prompts, seeds, scoring and report."""
-    maker, fps = load_teacher_maker(stage, device, ev.dtype)
-    return score_videos(maker, fps, prompts, out, ev, device, seed, None, rank, world, {"teacher": str(stage)})
+    negative = guided_negative(cfg, device, torch_dtype)
+    return TeacherVideoMaker(teacher, codec, encoder, shape, cfg.sampler, negative, context_fn, torch_dtype,
+                             float(cfg.data.fps), {"teacher": str(stage)})

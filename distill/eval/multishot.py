@@ -16,11 +16,13 @@ from typing import Callable, Iterable, Iterator
 import torch
 from omegaconf import DictConfig
 
+from distill.data.components import negative_text
 from distill.data.datasets import PromptDataset
 from distill.eval.metrics import colour_consistency
 from distill.rollout import ContextFn, SelfForcingGenerator
 from teacher.encoders import Codec, pixels_to_uint8
 from teacher.sampler import draw_noise, sample
+from student.context import kwargs_of
 
 # (texts: list of [1, L, D], generator) -> clean latents of every shot, each [1, C, F, h, w]
 Rollout = Callable[[list, torch.Generator], list]
@@ -32,6 +34,11 @@ def student_rollout(student, chunks: int, height: int, width: int, context_fn: C
                                                          context_fn=context_fn, generator=gen)]
 
 
+def guided_negative(cfg: DictConfig, device, dtype) -> torch.Tensor | None:
+    """[1, L, D] unconditional text of the teacher's sampler, or None when `sampler.guidance_scale` is 1."""
+    return None if cfg.sampler.guidance_scale == 1.0 else negative_text(cfg, device, dtype)
+
+
 def teacher_shots(teacher, shape: tuple, sampler: DictConfig, negative: torch.Tensor | None,
                   context_fn: ContextFn, texts: Iterable[torch.Tensor], gen: torch.Generator) -> Iterator[torch.Tensor]:
     """The teacher's shots, each clean latents [1, C, F, h, w] yielded as soon as it is sampled; shot k
@@ -40,10 +47,8 @@ def teacher_shots(teacher, shape: tuple, sampler: DictConfig, negative: torch.Te
     shots: list[torch.Tensor] = []
     seen: list[torch.Tensor] = []
     for text in texts:
-        context, context_text, context_shots = context_fn(shots, seen)
-        extra = {} if context is None else {"context": context.to(text.dtype),
-                                            "context_text": context_text.to(text.dtype),
-                                            "context_shots": context_shots}
+        context = context_fn(shots, seen)
+        extra = kwargs_of(context and context.to(dtype=text.dtype))
         noise = draw_noise((1, *shape), gen, text.dtype, text.device)
         denoise = lambda x, t, txt: teacher(x, t, txt, **extra)  # noqa: E731
         shot = sample(denoise, text, noise, negative_text=negative, guidance_scale=sampler.guidance_scale,

@@ -12,11 +12,13 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from distill.data.components import build_codec, build_text_encoder, prepared_dir
+from distill.data.components import build_codec, prepared_dir
 from distill.data.datasets import ShotDataset
 from distill.eval.metrics import colour_consistency
-from teacher.encoders import join_text, pixels_to_uint8
+from distill.eval.multishot import guided_negative
+from teacher.encoders import pixels_to_uint8
 from teacher.sampler import draw_noise, sample
+from student.context import Context
 
 
 def eval_items(dataset: ShotDataset, count: int) -> list[int]:
@@ -28,22 +30,12 @@ def eval_items(dataset: ShotDataset, count: int) -> list[int]:
     return [usable[(k * len(usable)) // count] for k in range(count)]
 
 
-def negative_text(cfg: DictConfig, length: int, device, dtype) -> torch.Tensor | None:
-    """[1, L, D] embedding of `sampler.negative_prompt`, or None when guidance is off."""
-    if cfg.sampler.guidance_scale == 1.0:
-        return None
-    encoder = build_text_encoder(cfg.text_encoder, device)
-    return join_text(encoder.encode([cfg.sampler.negative_prompt]), length).unsqueeze(0).to(device, dtype)
-
-
 def _shot(model, item: dict, noise: torch.Tensor, negative, cfg: DictConfig, with_context: bool,
           device, dtype) -> torch.Tensor:
     """Clean latents [1, C, F, h, w] of one sampled next shot."""
     extra = {}
     if with_context:
-        extra = {"context": item["context"][None].to(device, dtype),
-                 "context_text": item["context_text"][None].to(device, dtype),
-                 "context_shots": item["context_shot"][None].to(device)}
+        extra = Context.stack([item["context"]]).to(device, dtype).kwargs()
     text = item["text"][None].to(device, dtype)
     denoise = lambda x, t, txt: model(x, t, txt, **extra)  # noqa: E731
     s = cfg.sampler
@@ -66,7 +58,7 @@ def evaluate_teacher(model, cfg: DictConfig, env) -> dict[str, float]:
     device = env.device
     dtype = next(model.parameters()).dtype
     codec = build_codec(cfg.codec, device)
-    negative = negative_text(cfg, dataset.data.text_len, device, dtype)
+    negative = guided_negative(cfg, device, dtype)
     totals = torch.zeros(3, dtype=torch.float64)
     for k in items[env.rank::env.world_size]:
         item = dataset[k]

@@ -5,7 +5,8 @@ stage exported into this stage's folder (a run without one, e.g. a teacher-only 
 its `eval.stages` alone). Prompts are `eval.prompts` or the run's prepared records
 (the first `eval.videos`); rank r generates prompts r, r + world, ... on its own device (so the
 timings are one device's), rank 0 gathers and reports. Each stage of `eval.stages` (teacher,
-causal-init, dmd-intra, dmd-inter) is scored on the same prompts and seeds (distill/eval/stages.py);
+causal-init, dmd-intra, dmd-inter) is scored on the same prompts and seeds (distill/eval/stages.py
+`evaluate_run`, which `shotdistill eval RUN` runs too);
 unfinished or absent ones are skipped with the reason. Products: `samples/*.mp4` and `report.json`
 (the final student's, plus `stages`: each evaluated stage's report and each skipped stage's reason),
 `stages/<stage>/`, `exports/<stage>/`, `stages.md` (rows = stages, columns = metrics), TensorBoard
@@ -15,12 +16,7 @@ scalars `eval/<metric>` and `eval/<stage>/<metric>`, and the metrics the runner 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from omegaconf import DictConfig
-
-EMPTY_STAGES = "eval.stages is empty: only the final student is evaluated"
 
 
 def check_eval(ev: DictConfig, source: str = "recipe") -> None:
@@ -55,68 +51,13 @@ class EvalStage:
     def run(self) -> dict[str, float]:
         """Every rank generates and scores its share of the prompts; rank 0 returns the metrics."""
         from distill.data.components import prepared_dir
-        from distill.eval.scoring import evaluate, select_prompts
-        from distill.eval.stages import evaluate_stages
+        from distill.eval.prompts import select_prompts
+        from distill.eval.run import EvalRun
+        from distill.eval.stages import evaluate_run
 
-        cfg, env, out = self.cfg, self.ctx.env, Path(self.ctx.stage_dir)
+        cfg, ctx = self.cfg, self.ctx
         prompts = select_prompts(cfg.eval, prepared_dir(cfg))
-        export, why = self._export()
-        final, known = {}, {}
-        if export is not None:
-            final = evaluate(export, prompts, out, cfg.eval, env.device, cfg.run.seed, None, env.rank,
-                             env.world_size)
-            known = {name: final for name in [self._final_stage(export)] if name}
-        elif env.is_main:  # a run without a student (a teacher-only ablation): its stages alone
-            from distill.checkpoint import write_atomic
-            out.mkdir(parents=True, exist_ok=True)
-            write_atomic(out / "report.json", json.dumps({"export": None, "no_export": why}, indent=2) + "\n")
-        per_stage, skipped = evaluate_stages(self.ctx.run_dir, list(cfg.eval.stages), prompts, out, cfg.eval,
-                                             env.device, cfg.run.seed, env, known)
-        metrics = {**final, **{f"{s}/{k}": v for s, m in per_stage.items() for k, v in m.items()}}
-        if env.is_main:
-            self._report(out, per_stage, skipped, known, metrics)
+        run = EvalRun.of(ctx.env, cfg.run.seed, cfg.eval, out=ctx.stage_dir,
+                         tb_dir=ctx.tb_dir if cfg.logging.tensorboard else None)
+        metrics, self.summary_table = evaluate_run(ctx.run_dir, prompts, run)
         return metrics
-
-    def _report(self, out: Path, per_stage: dict, skipped: dict, known: dict, metrics: dict) -> None:
-        """stages.md, the `stages` entry of report.json and the TensorBoard scalars (rank 0)."""
-        from distill.checkpoint import write_atomic
-        from distill.eval.scoring import log_scalars
-        from distill.eval.stages import STAGES_FOLDER, stages_table
-
-        self.summary_table = stages_table(per_stage, skipped) if self.cfg.eval.stages else EMPTY_STAGES + "\n"
-        write_atomic(out / "stages.md", self.summary_table)
-        report = json.loads((out / "report.json").read_text())
-        report["stages"] = {
-            "evaluated": {s: "report.json" if s in known else f"{STAGES_FOLDER}/{s}/report.json" for s in per_stage},
-            "skipped": skipped if self.cfg.eval.stages else {"*": EMPTY_STAGES}}
-        write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
-        if self.cfg.logging.tensorboard:
-            log_scalars(self.ctx.tb_dir, metrics)
-
-    def _export(self) -> tuple[Path | None, str | None]:
-        """(`eval.export`, or the one rank 0 finds or makes in the run, None); with `eval.stages` set, a
-        run without a finished student gives (None, why) instead of failing."""
-        from distill.distributed import broadcast_object
-        from distill.eval.scoring import resolve_export
-
-        if self.cfg.eval.export:
-            return Path(self.cfg.eval.export), None
-        found = None
-        if self.ctx.env.is_main:
-            try:
-                found = (str(resolve_export(self.ctx.run_dir, self.ctx.stage_dir)), None)
-            except FileNotFoundError as e:
-                if not self.cfg.eval.stages:
-                    raise
-                found = (None, str(e))
-        path, why = broadcast_object(found)
-        return (Path(path) if path else None), why
-
-    def _final_stage(self, export: Path) -> str | None:
-        """The run stage whose student the final export holds (None for a given `eval.export`)."""
-        from distill.distributed import broadcast_object
-        from distill.eval.stages import export_stage
-
-        if self.cfg.eval.export:
-            return None
-        return broadcast_object(export_stage(self.ctx.run_dir, export) if self.ctx.env.is_main else None)
