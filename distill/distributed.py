@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from distill.logging import quiet_console
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -65,6 +67,7 @@ def init_distributed(timeout_s: int) -> DistEnv:
         init = "env://" if launched else f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        quiet_console(dist.get_rank())
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                    device=device, backend=backend)
 

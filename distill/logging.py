@@ -18,6 +18,38 @@ from pathlib import Path
 from typing import Any
 
 
+# Deprecation warnings of libraries we call, about their own use of their dependencies: nothing a
+# user can act on. (category, message regex, module regex of the line the warning names).
+THIRD_PARTY_DEPRECATIONS = (
+    # DeepSpeed's collectives call torch.distributed.all_gather_into_tensor/reduce_scatter_tensor
+    # (every ZeRO-3 step); the warning names torch's own wrapper, c10d_logger.
+    (FutureWarning, r"`torch\.distributed\.\w+` is deprecated", r"torch\.distributed(\.|$)"),
+    (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated", r"torch\.jit(\.|$)"),
+    (FutureWarning, "", r"deepspeed(\.|$)"),
+    (DeprecationWarning, "", r"deepspeed(\.|$)"),
+    (FutureWarning, "", r"diffusers(\.|$)"),
+    (DeprecationWarning, "", r"diffusers(\.|$)"),
+)
+OUR_MODULES = r"(launch|distill|student|teacher|kernels)(\.|$)"
+
+
+def quiet_console(rank: int) -> None:
+    """Once at process start (CLI entry, process-group set-up): hide the known third-party
+    deprecations, show each of our own warnings once, and keep ranks other than 0 silent but for
+    errors (their failures still print; every progress bar is rank 0's)."""
+    import logging
+    import os
+    import warnings
+
+    for category, message, module in THIRD_PARTY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    warnings.filterwarnings("once", module=OUR_MODULES)
+    if rank != 0:
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)          # every logger, DeepSpeed's included: errors only
+        os.environ["TQDM_DISABLE"] = "1"          # third-party bars; read when tqdm is imported
+
+
 class StageLogger:
     """Scalars and progress of one stage; every method is a no-op off rank 0."""
 
@@ -82,6 +114,12 @@ def log_once(tb_dir: Path, prefix: str, step: int, scalars: dict[str, float], *,
         log.scalars(step, scalars)
     finally:
         log.close()
+
+
+def log_final(ctx, cfg, scores: dict[str, float]) -> None:
+    """A stage's end-of-stage scalars (its probes) in its TensorBoard folder, at the last training step."""
+    log_once(ctx.tb_dir, Path(ctx.stage_dir).name, cfg.train.steps, scores, main=ctx.env.is_main,
+             enabled=cfg.logging.tensorboard)
 
 
 def _wait_past_existing_events(tb_dir: Path) -> None:

@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    from distill.logging import quiet_console
+    quiet_console(int(os.environ.get("RANK", "0")))     # before any handler imports torch or DeepSpeed
     try:
         code = _handler(args.handler)(args)
     except KeyboardInterrupt:
