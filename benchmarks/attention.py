@@ -27,60 +27,54 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Attention"
 
 # Student geometry from notes/algorithms.md: a chunk is 3 latent frames of 1560 tokens; the
-# global cache holds 2 chunks; training sees 9 target chunks, decoding 1 chunk over 10 cached.
+# global cache holds 2 chunks; training sees 9 target chunks.
 TOKENS_PER_CHUNK = 3 * 1560
 HEADS, HEAD_DIM = 12, 128
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One benchmarked problem: query/key lengths and the mask geometry."""
+    """One benchmarked problem: the sequence length (queries = keys) and the mask geometry."""
 
     name: str
-    q_len: int
-    k_len: int
+    length: int
     prefix_len: int
     chunk_len: int
-    q_offset: int
     window_chunks: int | None = None
 
     def geometry(self) -> dict:
-        return dict(prefix_len=self.prefix_len, chunk_len=self.chunk_len, q_offset=self.q_offset,
-                    window_chunks=self.window_chunks)
+        return dict(prefix_len=self.prefix_len, chunk_len=self.chunk_len, window_chunks=self.window_chunks)
 
 
 def student_shapes(chunk: int = TOKENS_PER_CHUNK) -> list[Shape]:
-    """The training shape (prefix of 2 chunks + 9 chunks) and the decoding shape (1 chunk over 10)."""
+    """The training shape: a prefix of 2 chunks + 9 chunks."""
     prefix = 2 * chunk
-    train_len = prefix + 9 * chunk
-    decode_keys = prefix + 8 * chunk
-    return [Shape("training", train_len, train_len, prefix, chunk, 0),
-            Shape("decoding", chunk, decode_keys, prefix, chunk, decode_keys - chunk)]
+    return [Shape("training", prefix + 9 * chunk, prefix, chunk)]
 
 
 def visible_pairs(shape: Shape, device: torch.device, rows_per_step: int = 512) -> int:
     """Number of visible (query, key) pairs, counted with the mask rule a block of rows at a time."""
-    window = resolve_window(shape.window_chunks, shape.k_len, shape.prefix_len, shape.chunk_len)
-    k_pos = torch.arange(shape.k_len, device=device)[None, :]
+    window = resolve_window(shape.window_chunks, shape.length, shape.prefix_len, shape.chunk_len)
+    k_pos = torch.arange(shape.length, device=device)[None, :]
     total = 0
-    for r0 in range(0, shape.q_len, rows_per_step):
-        rows = torch.arange(r0, min(r0 + rows_per_step, shape.q_len), device=device)[:, None] + shape.q_offset
+    for r0 in range(0, shape.length, rows_per_step):
+        rows = torch.arange(r0, min(r0 + rows_per_step, shape.length), device=device)[:, None]
         total += int(visible(rows, k_pos, shape.prefix_len, shape.chunk_len, window).sum())
     return total
 
 
 def tile_census(shape: Shape, block_m: int, block_n: int) -> dict[str, float]:
     """Fractions of (query tile, key tile) pairs the forward kernel runs unmasked, masked, or skips."""
-    window = resolve_window(shape.window_chunks, shape.k_len, shape.prefix_len, shape.chunk_len)
-    q_end = shape.q_offset + shape.q_len
+    length = shape.length
+    window = resolve_window(shape.window_chunks, length, shape.prefix_len, shape.chunk_len)
     geo = (shape.prefix_len, shape.chunk_len, window)
-    n_q, n_k = -(-shape.q_len // block_m), -(-shape.k_len // block_n)
+    n_q, n_k = -(-length // block_m), -(-length // block_n)
     full = visited = 0
     for m in range(n_q):
-        q0 = shape.q_offset + m * block_m
-        n_prefix, c0, c1 = key_tiles(q0, block_m, q_end, shape.k_len, block_n, *geo)
+        q0 = m * block_m
+        n_prefix, c0, c1 = key_tiles(q0, block_m, length, length, block_n, *geo)
         for start, end in ((0, n_prefix), (c0, c1)):
-            f0, f1 = full_key_run(q0, start, end, block_m, block_n, shape.k_len, *geo)
+            f0, f1 = full_key_run(q0, start, end, block_m, block_n, length, *geo)
             visited += end - start
             full += f1 - f0
     total = n_q * n_k
@@ -88,7 +82,7 @@ def tile_census(shape: Shape, block_m: int, block_n: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The contenders: each takes q, k, v as [B, L, H, D] and returns [B, Lq, H, D]
+# The contenders: each takes q, k, v as [B, L, H, D] and returns [B, L, H, D]
 
 
 def run_triton(shape: Shape):
@@ -97,10 +91,10 @@ def run_triton(shape: Shape):
 
 def flex_mask_mod(shape: Shape):
     """FlexAttention's mask_mod for a shape: the same rule, on FlexAttention's index tensors."""
-    window = resolve_window(shape.window_chunks, shape.k_len, shape.prefix_len, shape.chunk_len)
+    window = resolve_window(shape.window_chunks, shape.length, shape.prefix_len, shape.chunk_len)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return visible(q_idx + shape.q_offset, kv_idx, shape.prefix_len, shape.chunk_len, window)
+        return visible(q_idx, kv_idx, shape.prefix_len, shape.chunk_len, window)
     return mask_mod
 
 
@@ -108,7 +102,7 @@ def run_flex(shape: Shape):
     """FlexAttention (compiled) with a block mask built from the same rule."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    block_mask = create_block_mask(flex_mask_mod(shape), None, None, shape.q_len, shape.k_len, device="cuda",
+    block_mask = create_block_mask(flex_mask_mod(shape), None, None, shape.length, shape.length, device="cuda",
                                    _compile=True)
     compiled = torch.compile(flex_attention)
 
@@ -119,8 +113,8 @@ def run_flex(shape: Shape):
 
 
 def run_sdpa_dense_mask(shape: Shape):
-    """SDPA with the dense [Lq, Lk] boolean mask (the reference backend), the mask built once outside timing."""
-    mask = chunk_causal_mask(shape.q_len, shape.k_len, **shape.geometry(), device="cuda")
+    """SDPA with the dense [L, L] boolean mask (the reference backend), the mask built once outside timing."""
+    mask = chunk_causal_mask(shape.length, shape.length, **shape.geometry(), device="cuda")
 
     def fn(q, k, v):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
@@ -130,20 +124,18 @@ def run_sdpa_dense_mask(shape: Shape):
 
 def run_chunk_loop(shape: Shape):
     """One unmasked SDPA call per query chunk over the keys that chunk sees (prefix + key_span)."""
-    window = resolve_window(shape.window_chunks, shape.k_len, shape.prefix_len, shape.chunk_len)
-    q_end = shape.q_offset + shape.q_len
-    starts = sorted({shape.q_offset, *range(shape.prefix_len, q_end, shape.chunk_len)} - {q_end})
+    length = shape.length
+    window = resolve_window(shape.window_chunks, length, shape.prefix_len, shape.chunk_len)
+    starts = sorted({0, *range(shape.prefix_len, length, shape.chunk_len)} - {length})
     segments = []
-    for a, b in zip(starts, [*starts[1:], q_end]):
-        if a < shape.q_offset:
-            continue
-        lo, hi = key_span(a, b - 1, shape.k_len, shape.prefix_len, shape.chunk_len, window)
-        prefix = min(shape.prefix_len, shape.k_len)
+    for a, b in zip(starts, [*starts[1:], length]):
+        lo, hi = key_span(a, b - 1, length, shape.prefix_len, shape.chunk_len, window)
+        prefix = min(shape.prefix_len, length)
         spans = [(0, prefix)] if prefix > 0 else []
         if hi > max(lo, prefix):
             # adjoining spans become one slice, so the loop pays for a copy only under a window
             spans = [(0, hi)] if lo <= prefix else spans + [(lo, hi)]
-        segments.append((a - shape.q_offset, b - shape.q_offset, spans))
+        segments.append((a, b, spans))
 
     def fn(q, k, v):
         outs = []
@@ -181,7 +173,7 @@ def bench_shape(shape: Shape, batch: int = 1) -> list[dict]:
     def make(n: int) -> torch.Tensor:
         return torch.randn(batch, n, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
                            generator=g).requires_grad_(True)
-    q, k, v = make(shape.q_len), make(shape.k_len), make(shape.k_len)
+    q, k, v = (make(shape.length) for _ in range(3))
     dout = torch.randn_like(q)
     flop_fwd = 4.0 * visible_pairs(shape, q.device) * HEAD_DIM * batch * HEADS
     ours = None
@@ -218,11 +210,11 @@ def sweep_tiles(shape: Shape) -> list[dict]:
     from kernels.chunk_attention import attention_backward, attention_forward
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, n, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-               for n in (shape.q_len, shape.k_len, shape.k_len))
+    q, k, v = (torch.randn(1, shape.length, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+               for _ in range(3))
     dout = torch.randn_like(q)
-    window = resolve_window(shape.window_chunks, shape.k_len, shape.prefix_len, shape.chunk_len)
-    launch = (shape.prefix_len, shape.chunk_len, shape.q_offset, window)
+    window = resolve_window(shape.window_chunks, shape.length, shape.prefix_len, shape.chunk_len)
+    launch = (shape.prefix_len, shape.chunk_len, window)
     flop_fwd = 4.0 * visible_pairs(shape, q.device) * HEAD_DIM * HEADS
     default = tile_configs(HEAD_DIM, torch.bfloat16, on_cuda=True)
     rows = []
@@ -300,13 +292,13 @@ def write_section(text: str, path: Path = RESULTS) -> None:
 
 
 def census_rows() -> dict[str, dict]:
-    """Tile census of both student shapes at 128x128 tiles and at the kernels' own forward tiles."""
+    """Tile census of the student shapes at 128x128 tiles and at the kernels' own forward tiles."""
     fwd = tile_configs(HEAD_DIM, torch.bfloat16, on_cuda=True)["forward"]
     rows = {}
     for shape in student_shapes():
         for bm, bn in {(128, 128), (fwd.block_m, fwd.block_n)}:
             c = tile_census(shape, bm, bn)
-            c["tiles"] = f"{-(-shape.q_len // bm)} x {-(-shape.k_len // bn)}"
+            c["tiles"] = f"{-(-shape.length // bm)} x {-(-shape.length // bn)}"
             rows[f"{shape.name}, {bm}x{bn} tiles"] = c
     return rows
 
@@ -323,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("benchmarks/attention.py: needs a CUDA GPU and none is visible "
                          "(use --census-only to refresh the tile census without one)")
     census = census_rows()
-    tables = {f"{s.name}: {s.q_len} queries over {s.k_len} keys (prefix {s.prefix_len}, chunk {s.chunk_len})":
+    tables = {f"{s.name}: {s.length} tokens (prefix {s.prefix_len}, chunk {s.chunk_len})":
               bench_shape(s) for s in student_shapes()}
     train = student_shapes()[0]
     sweep = format_sweep(train, sweep_tiles(train)) if args.sweep else None

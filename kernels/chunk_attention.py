@@ -101,7 +101,7 @@ def _fwd_range(acc, m_i, l_i, q, q_pos, q0, k_base, v_base, stride_k, stride_v, 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h, so_b, so_l, so_h,
-                n_heads, q_len, k_len, q_offset, geo_p, geo_c, geo_w, qk_scale,
+                n_heads, q_len, k_len, geo_p, geo_c, geo_w, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PRECISION: tl.constexpr):
     # Later query tiles see more keys; launching them first shortens the tail of the grid.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -110,19 +110,17 @@ def _fwd_kernel(Q, K, V, O, LSE, sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l,
     h = (bh % n_heads).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_rows(Q + b * sq_b + h * sq_h, rows, sq_l, q_len, HEAD_D, True)
-    q_pos = q_offset + rows
-    q0 = q_offset + pid_m * BLOCK_M
-    q_end = q_offset + q_len
+    q0 = pid_m * BLOCK_M
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
     # A finite floor keeps exp2(m_old - m_new) finite while a row has met only masked keys.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-    n_prefix, c0, c1 = key_tiles(q0, BLOCK_M, q_end, k_len, BLOCK_N, geo_p, geo_c, geo_w)
-    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, q_pos, q0, k_base, v_base, sk_l, sv_l, 0, n_prefix, k_len,
+    n_prefix, c0, c1 = key_tiles(q0, BLOCK_M, q_len, k_len, BLOCK_N, geo_p, geo_c, geo_w)
+    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, rows, q0, k_base, v_base, sk_l, sv_l, 0, n_prefix, k_len,
                                qk_scale, geo_p, geo_c, geo_w, BLOCK_M, BLOCK_N, HEAD_D, PRECISION)
-    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, q_pos, q0, k_base, v_base, sk_l, sv_l, c0, c1, k_len,
+    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, rows, q0, k_base, v_base, sk_l, sv_l, c0, c1, k_len,
                                qk_scale, geo_p, geo_c, geo_w, BLOCK_M, BLOCK_N, HEAD_D, PRECISION)
     out = acc / l_i[:, None]
     o_ptrs = O + b * so_b + h * so_h + rows[:, None] * so_l + tl.arange(0, HEAD_D)[None, :]
@@ -166,7 +164,7 @@ def _dq_range(dq, q, do, lse, delta, q_pos, q0, k_base, v_base, stride_k, stride
 
 @triton.jit
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
-               sdo_b, sdo_l, sdo_h, sdq_b, sdq_l, sdq_h, n_heads, q_len, k_len, q_offset, geo_p, geo_c, geo_w,
+               sdo_b, sdo_l, sdo_h, sdq_b, sdq_l, sdq_h, n_heads, q_len, k_len, geo_p, geo_c, geo_w,
                qk_scale, sm_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
                PRECISION: tl.constexpr):
     # Later query tiles see more keys; launching them first shortens the tail of the grid.
@@ -179,16 +177,14 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, 
     do = _load_rows(DO + b * sdo_b + h * sdo_h, rows, sdo_l, q_len, HEAD_D, True)
     lse = tl.load(LSE + bh.to(tl.int64) * q_len + rows, mask=rows < q_len, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * q_len + rows, mask=rows < q_len, other=0.0)
-    q_pos = q_offset + rows
-    q0 = q_offset + pid_m * BLOCK_M
-    q_end = q_offset + q_len
+    q0 = pid_m * BLOCK_M
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-    n_prefix, c0, c1 = key_tiles(q0, BLOCK_M, q_end, k_len, BLOCK_N, geo_p, geo_c, geo_w)
-    dq = _dq_range(dq, q, do, lse, delta, q_pos, q0, k_base, v_base, sk_l, sv_l, 0, n_prefix, k_len,
+    n_prefix, c0, c1 = key_tiles(q0, BLOCK_M, q_len, k_len, BLOCK_N, geo_p, geo_c, geo_w)
+    dq = _dq_range(dq, q, do, lse, delta, rows, q0, k_base, v_base, sk_l, sv_l, 0, n_prefix, k_len,
                    qk_scale, geo_p, geo_c, geo_w, BLOCK_M, BLOCK_N, HEAD_D, PRECISION)
-    dq = _dq_range(dq, q, do, lse, delta, q_pos, q0, k_base, v_base, sk_l, sv_l, c0, c1, k_len,
+    dq = _dq_range(dq, q, do, lse, delta, rows, q0, k_base, v_base, sk_l, sv_l, c0, c1, k_len,
                    qk_scale, geo_p, geo_c, geo_w, BLOCK_M, BLOCK_N, HEAD_D, PRECISION)
     dq_ptrs = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_l + tl.arange(0, HEAD_D)[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None] < q_len)
@@ -200,7 +196,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, 
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, k_pos, q_base, do_base, lse_base, delta_base, stride_q, stride_do, t_start, t_end,
-                q_len, q_offset, qk_scale, geo_p, geo_c, geo_w, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
+                q_len, qk_scale, geo_p, geo_c, geo_w, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
                 MASKED: tl.constexpr, PRECISION: tl.constexpr):
     # Scores are kept transposed ([keys, queries]) so that dK and dV come out of plain dots.
     # Query rows past q_len load as zero with lse = delta = 0, which adds exactly zero to dK, dV.
@@ -216,8 +212,7 @@ def _dkdv_tiles(dk, dv, k, v, k_pos, q_base, do_base, lse_base, delta_base, stri
             delta = tl.load(delta_base + rows)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if MASKED:
-            s_t = tl.where(visible((q_offset + rows)[None, :], k_pos[:, None], geo_p, geo_c, geo_w), s_t,
-                           float("-inf"))
+            s_t = tl.where(visible(rows[None, :], k_pos[:, None], geo_p, geo_c, geo_w), s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -228,7 +223,7 @@ def _dkdv_tiles(dk, dv, k, v, k_pos, q_base, do_base, lse_base, delta_base, stri
 
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
-                 sdo_b, sdo_l, sdo_h, sdk_b, sdk_l, sdk_h, sdv_b, sdv_l, sdv_h, n_heads, q_len, k_len, q_offset,
+                 sdo_b, sdo_l, sdo_h, sdk_b, sdk_l, sdk_h, sdv_b, sdv_l, sdv_h, n_heads, q_len, k_len,
                  geo_p, geo_c, geo_w, qk_scale, sm_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HEAD_D: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -243,17 +238,16 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sq_b, sq_l, sq_h, sk_b, sk_l, 
     do_base = DO + b * sdo_b + h * sdo_h
     lse_base = LSE + bh.to(tl.int64) * q_len
     delta_base = DELTA + bh.to(tl.int64) * q_len
-    q_end = q_offset + q_len
     dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
-    r0, r1 = query_tiles(k0, BLOCK_N, q_offset, q_end, k_len, BLOCK_M, geo_p, geo_c, geo_w)
-    f0, f1 = full_query_run(k0, r0, r1, q_offset, BLOCK_M, BLOCK_N, q_end, k_len, geo_p, geo_c, geo_w)
+    r0, r1 = query_tiles(k0, BLOCK_N, q_len, k_len, BLOCK_M, geo_p, geo_c, geo_w)
+    f0, f1 = full_query_run(k0, r0, r1, BLOCK_M, BLOCK_N, q_len, k_len, geo_p, geo_c, geo_w)
     dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, r0, f0, q_len,
-                         q_offset, qk_scale, geo_p, geo_c, geo_w, BLOCK_M, HEAD_D, True, PRECISION)
+                         qk_scale, geo_p, geo_c, geo_w, BLOCK_M, HEAD_D, True, PRECISION)
     dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, f0, f1, q_len,
-                         q_offset, qk_scale, geo_p, geo_c, geo_w, BLOCK_M, HEAD_D, False, PRECISION)
+                         qk_scale, geo_p, geo_c, geo_w, BLOCK_M, HEAD_D, False, PRECISION)
     dk, dv = _dkdv_tiles(dk, dv, k, v, k_pos, q_base, do_base, lse_base, delta_base, sq_l, sdo_l, f1, r1, q_len,
-                         q_offset, qk_scale, geo_p, geo_c, geo_w, BLOCK_M, HEAD_D, True, PRECISION)
+                         qk_scale, geo_p, geo_c, geo_w, BLOCK_M, HEAD_D, True, PRECISION)
     d_cols = tl.arange(0, HEAD_D)[None, :]
     in_bounds = k_pos[:, None] < k_len
     tl.store(DK + b * sdk_b + h * sdk_h + k_pos[:, None] * sdk_l + d_cols, (dk * sm_scale).to(DK.dtype.element_ty),
@@ -275,18 +269,18 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_args(q: torch.Tensor, k: torch.Tensor, geometry: tuple[int, int, int, int]) -> dict:
+def _launch_args(q: torch.Tensor, k: torch.Tensor, geometry: tuple[int, int, int]) -> dict:
     """Per-launch scalars shared by the three kernels: sizes, mask geometry, scales, dot precision."""
-    prefix_len, chunk_len, q_offset, window = geometry
+    prefix_len, chunk_len, window = geometry
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
-    return dict(n_heads=q.shape[2], q_len=q.shape[1], k_len=k.shape[1], q_offset=q_offset, geo_p=prefix_len,
+    return dict(n_heads=q.shape[2], q_len=q.shape[1], k_len=k.shape[1], geo_p=prefix_len,
                 geo_c=chunk_len, geo_w=window, qk_scale=sm_scale * LOG2E, HEAD_D=q.shape[-1],
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32"), sm_scale
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: tuple[int, int, int, int],
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: tuple[int, int, int],
                       configs: dict[str, TileConfig] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Lq, H, D], base-2 log-sum-exp [B, H, Lq] fp32); geometry = (P, C, q_offset, window).
+    """(out [B, L, H, D], base-2 log-sum-exp [B, H, L] fp32); geometry = (prefix_len, chunk_len, window).
 
     `configs` overrides the tile table (`kernel_config.tile_configs`), for tile sweeps and tests.
     """
@@ -302,7 +296,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometr
 
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                       dout: torch.Tensor, geometry: tuple[int, int, int, int],
+                       dout: torch.Tensor, geometry: tuple[int, int, int],
                        configs: dict[str, TileConfig] | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) from the saved output and log-sum-exp; two kernels, no atomics."""
     batch, q_len, heads, head_dim = q.shape
@@ -327,10 +321,10 @@ class ChunkCausalAttention(torch.autograd.Function):
     """Triton chunk-causal attention; arguments as `kernels.chunk_causal_attention` (checked there)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_len: int, chunk_len: int, q_offset: int, window_chunks: int | None):
+    def forward(ctx, q, k, v, prefix_len: int, chunk_len: int, window_chunks: int | None):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         window = reference.resolve_window(window_chunks, k.shape[1], prefix_len, chunk_len)
-        geometry = (prefix_len, chunk_len, q_offset, window)
+        geometry = (prefix_len, chunk_len, window)
         out, lse = attention_forward(q, k, v, geometry)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.geometry = geometry
@@ -340,4 +334,4 @@ class ChunkCausalAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = attention_backward(q, k, v, out, lse, _last_dim_contiguous(dout), ctx.geometry)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None

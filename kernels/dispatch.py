@@ -14,15 +14,14 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int, chunk_len: int,
-                 q_offset: int, window_chunks: int | None) -> None:
+                 window_chunks: int | None) -> None:
     """Raise ValueError naming the first argument that breaks the [B, L, H, D] chunk-causal contract."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"chunk_causal_attention: {name} must be [B, L, H, D], got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"chunk_causal_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
-    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
-        raise ValueError(f"chunk_causal_attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in B, H or D")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"chunk_causal_attention: q {tuple(q.shape)} and {name} {tuple(t.shape)} differ in shape")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"chunk_causal_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if chunk_len < 1:
@@ -31,9 +30,6 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: 
         raise ValueError(f"chunk_causal_attention: prefix_len must be >= 0, got {prefix_len}")
     if window_chunks is not None and window_chunks < 1:
         raise ValueError(f"chunk_causal_attention: window_chunks must be None or >= 1, got {window_chunks}")
-    if q_offset < 0 or q_offset + q.shape[1] > k.shape[1]:
-        raise ValueError(f"chunk_causal_attention: queries at q_offset={q_offset} with length {q.shape[1]} "
-                         f"do not fit inside {k.shape[1]} keys")
 
 
 def triton_supported(q: torch.Tensor) -> bool:
@@ -43,8 +39,8 @@ def triton_supported(q: torch.Tensor) -> bool:
 
 
 def chunk_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, prefix_len: int, chunk_len: int,
-                           q_offset: int = 0, window_chunks: int | None = None, backend: str = "auto") -> torch.Tensor:
-    """Attention of q [B, Lq, H, D] over k, v [B, Lk, H, D] under the chunk-causal mask (DESIGN.md).
+                           window_chunks: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """Attention of q over k, v, all [B, L, H, D] (query i is key position i), under the chunk-causal mask.
 
     backend: "triton" runs the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), "reference"
     the SDPA path with a dense boolean mask, "auto" the kernel on CUDA when the head dim and dtype
@@ -52,14 +48,13 @@ def chunk_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """
     if backend not in BACKENDS:
         raise ValueError(f"chunk_causal_attention: backend must be one of {BACKENDS}, got {backend!r}")
-    check_inputs(q, k, v, prefix_len, chunk_len, q_offset, window_chunks)
+    check_inputs(q, k, v, prefix_len, chunk_len, window_chunks)
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and triton_supported(q))
     if not use_triton or q.numel() == 0:  # an empty launch grid is the reference's business
-        return reference_attention(q, k, v, prefix_len=prefix_len, chunk_len=chunk_len, q_offset=q_offset,
-                                   window_chunks=window_chunks)
+        return reference_attention(q, k, v, prefix_len=prefix_len, chunk_len=chunk_len, window_chunks=window_chunks)
     if not triton_supported(q):
         raise ValueError(f"chunk_causal_attention: backend='triton' needs CUDA or TRITON_INTERPRET=1, head dim in "
                          f"{TRITON_HEAD_DIMS} and dtype in fp16/bf16/fp32; got {q.device}, D={q.shape[-1]}, {q.dtype}")
     from kernels.chunk_attention import ChunkCausalAttention  # lazy: importing triton is slow and CUDA-only
 
-    return ChunkCausalAttention.apply(q, k, v, prefix_len, chunk_len, q_offset, window_chunks)
+    return ChunkCausalAttention.apply(q, k, v, prefix_len, chunk_len, window_chunks)

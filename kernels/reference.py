@@ -10,7 +10,7 @@ instead (`a + (b - a) * (b > a)` is `max(a, b)`); `while` on scalars is fine. Py
 integer division and Triton truncates, which differ only on negative operands, so every quotient
 that can be negative is discarded by a comparison before it matters.
 
-Positions are absolute: query row r sits at position `q_offset + r` of the key sequence.
+Queries and keys share positions: query row r sits at position r of the key sequence.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def key_span(q_first, q_last, k_end, prefix_len, chunk_len, window_chunks):
     return lo, lo + (hi - lo) * (q_last >= prefix_len)
 
 
-def query_span(k_first, k_last, q_begin, q_end, prefix_len, chunk_len, window_chunks):
-    """[lo, hi): queries in [q_begin, q_end) that see some key in [k_first, k_last].
+def query_span(k_first, k_last, q_end, prefix_len, chunk_len, window_chunks):
+    """[lo, hi): queries in [0, q_end) that see some key in [k_first, k_last].
 
     Every query sees a prefix key; a key past the prefix in chunk c is seen by queries of chunks
     c .. c + window - 1, so a run of keys is seen by one interval of queries.
@@ -79,7 +79,7 @@ def query_span(k_first, k_last, q_begin, q_end, prefix_len, chunk_len, window_ch
     in_prefix = k_first < prefix_len
     lo = prefix_len + ((k_first - prefix_len) // chunk_len) * chunk_len
     hi = prefix_len + ((k_last - prefix_len) // chunk_len + window_chunks) * chunk_len
-    lo = lo + (q_begin - lo) * (in_prefix | (q_begin > lo))
+    lo = lo - lo * (in_prefix | (lo < 0))
     hi = hi + (q_end - hi) * (in_prefix | (hi > q_end))
     return lo, hi
 
@@ -102,13 +102,13 @@ def key_tiles(q0, block_m, q_end, k_end, block_n, prefix_len, chunk_len, window_
     return n_prefix, c0, c1
 
 
-def query_tiles(k0, block_n, q_begin, q_end, k_end, block_m, prefix_len, chunk_len, window_chunks):
-    """[r0, r1): the query tiles (rows counted from `q_begin`) that see some key of a key tile."""
+def query_tiles(k0, block_n, q_end, k_end, block_m, prefix_len, chunk_len, window_chunks):
+    """[r0, r1): the query tiles that see some key of a key tile."""
     k_last = k0 + block_n - 1
     k_last = k_last + (k_end - 1 - k_last) * (k_last > k_end - 1)
-    lo, hi = query_span(k0, k_last, q_begin, q_end, prefix_len, chunk_len, window_chunks)
-    r0 = (lo - q_begin) // block_m
-    r1 = (hi - q_begin + block_m - 1) // block_m
+    lo, hi = query_span(k0, k_last, q_end, prefix_len, chunk_len, window_chunks)
+    r0 = lo // block_m
+    r1 = (hi + block_m - 1) // block_m
     return r0, r1 + (r0 - r1) * ((hi <= lo) | (r0 > r1))
 
 
@@ -133,15 +133,14 @@ def full_key_run(q0, t_start, t_end, block_m, block_n, k_end, prefix_len, chunk_
     return f0, f1
 
 
-def full_query_run(k0, t_start, t_end, q_begin, block_m, block_n, q_end, k_end, prefix_len, chunk_len,
-                   window_chunks):
-    """[f0, f1) within query tiles [t_start, t_end) (rows from `q_begin`): the full tiles."""
+def full_query_run(k0, t_start, t_end, block_m, block_n, q_end, k_end, prefix_len, chunk_len, window_chunks):
+    """[f0, f1) within query tiles [t_start, t_end): the full tiles."""
     f0 = t_start + t_end * 0
-    while (f0 < t_end) & (tile_full(q_begin + f0 * block_m, k0, block_m, block_n, q_end, k_end, prefix_len,
+    while (f0 < t_end) & (tile_full(f0 * block_m, k0, block_m, block_n, q_end, k_end, prefix_len,
                                     chunk_len, window_chunks) == 0):
         f0 += 1
     f1 = t_end + t_start * 0
-    while (f1 > f0) & (tile_full(q_begin + (f1 - 1) * block_m, k0, block_m, block_n, q_end, k_end, prefix_len,
+    while (f1 > f0) & (tile_full((f1 - 1) * block_m, k0, block_m, block_n, q_end, k_end, prefix_len,
                                  chunk_len, window_chunks) == 0):
         f1 -= 1
     return f0, f1
@@ -158,19 +157,19 @@ def resolve_window(window_chunks: int | None, k_len: int, prefix_len: int, chunk
 # Dense mask and SDPA reference (the CPU path and the ground truth of the kernel tests)
 
 
-def chunk_causal_mask(q_len: int, k_len: int, *, prefix_len: int, chunk_len: int, q_offset: int = 0,
-                      window_chunks: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-    """Boolean [q_len, k_len] mask, True where attention is allowed."""
+def chunk_causal_mask(q_len: int, k_len: int, *, prefix_len: int, chunk_len: int, window_chunks: int | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean [q_len, k_len] mask of positions 0.. against 0.., True where attention is allowed."""
     window = resolve_window(window_chunks, k_len, prefix_len, chunk_len)
-    q_pos = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
+    q_pos = torch.arange(q_len, device=device)[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
     return visible(q_pos, k_pos, prefix_len, chunk_len, window)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, prefix_len: int, chunk_len: int,
-                        q_offset: int = 0, window_chunks: int | None = None) -> torch.Tensor:
+                        window_chunks: int | None = None) -> torch.Tensor:
     """Chunk-causal attention through SDPA with the dense boolean mask; q, k, v are [B, L, H, D]."""
     mask = chunk_causal_mask(q.shape[1], k.shape[1], prefix_len=prefix_len, chunk_len=chunk_len,
-                             q_offset=q_offset, window_chunks=window_chunks, device=q.device)
+                             window_chunks=window_chunks, device=q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)

@@ -22,7 +22,7 @@ CASES = {
     # batch, q_len, k_len, heads, head_dim, geometry: sizes no 128/64/32 tile divides
     "training_like": (2, 1131, 1131, 3, 128, dict(prefix_len=150, chunk_len=163)),
     "window": (1, 1000, 1000, 2, 128, dict(prefix_len=97, chunk_len=129, window_chunks=2)),
-    "decode": (1, 163, 1300, 2, 128, dict(prefix_len=326, chunk_len=163, q_offset=1137)),
+    "long_prefix": (1, 1300, 1300, 2, 128, dict(prefix_len=326, chunk_len=163)),
     "head_dim_64": (2, 777, 777, 2, 64, dict(prefix_len=0, chunk_len=100, window_chunks=3)),
 }
 

@@ -19,11 +19,11 @@ def _rule_by_definition(i: int, j: int, p: int, c: int, w: int | None) -> bool:
     return cj <= ci and (w is None or ci - cj < w)
 
 
-@pytest.mark.parametrize("p,c,w,q_offset,lq,lk", [(0, 3, None, 0, 10, 10), (4, 5, None, 0, 23, 23),
-                                                  (3, 4, 2, 0, 20, 20), (5, 2, 1, 7, 6, 15)])
-def test_mask_matches_the_written_definition(p, c, w, q_offset, lq, lk):
-    mask = kernels.chunk_causal_mask(lq, lk, prefix_len=p, chunk_len=c, q_offset=q_offset, window_chunks=w)
-    expected = torch.tensor([[_rule_by_definition(q_offset + r, j, p, c, w) for j in range(lk)] for r in range(lq)])
+@pytest.mark.parametrize("p,c,w,lq,lk", [(0, 3, None, 10, 10), (4, 5, None, 23, 23), (3, 4, 2, 20, 20),
+                                          (5, 2, 1, 15, 15), (5, 2, 1, 16, 13)])
+def test_mask_matches_the_written_definition(p, c, w, lq, lk):
+    mask = kernels.chunk_causal_mask(lq, lk, prefix_len=p, chunk_len=c, window_chunks=w)
+    expected = torch.tensor([[_rule_by_definition(r, j, p, c, w) for j in range(lk)] for r in range(lq)])
     assert torch.equal(mask, expected)
 
 
@@ -36,9 +36,8 @@ def test_mask_small_example():
 
 
 def _tile_geometry(rng: random.Random) -> dict:
-    lk = rng.randint(1, 90)
-    lq = rng.randint(1, lk)
-    return dict(lk=lk, lq=lq, q_offset=rng.randint(0, lk - lq), p=rng.choice([0, rng.randint(0, lk + 8)]),
+    length = rng.randint(1, 90)
+    return dict(lk=length, lq=length, p=rng.choice([0, rng.randint(0, length + 8)]),
                 c=rng.randint(1, 20), w=rng.choice([None, rng.randint(1, 4)]),
                 bm=rng.choice([16, 32]), bn=rng.choice([16, 32]))
 
@@ -46,7 +45,7 @@ def _tile_geometry(rng: random.Random) -> dict:
 def _visited_key_tiles(q0: int, g: dict, w: int) -> tuple[set, set]:
     """(visited, unmasked) key tiles of one query tile, as the forward and dQ kernels walk them."""
     args = (g["bm"], g["bn"], g["lk"], g["p"], g["c"], w)
-    n_prefix, c0, c1 = key_tiles(q0, g["bm"], g["q_offset"] + g["lq"], g["lk"], g["bn"], g["p"], g["c"], w)
+    n_prefix, c0, c1 = key_tiles(q0, g["bm"], g["lq"], g["lk"], g["bn"], g["p"], g["c"], w)
     visited, unmasked = set(), set()
     for start, end in ((0, n_prefix), (c0, c1)):
         f0, f1 = full_key_run(q0, start, end, *args)
@@ -57,9 +56,8 @@ def _visited_key_tiles(q0: int, g: dict, w: int) -> tuple[set, set]:
 
 def _visited_query_tiles(k0: int, g: dict, w: int) -> tuple[set, set]:
     """(visited, unmasked) query tiles of one key tile, as the dK/dV kernel walks them."""
-    q_end = g["q_offset"] + g["lq"]
-    r0, r1 = query_tiles(k0, g["bn"], g["q_offset"], q_end, g["lk"], g["bm"], g["p"], g["c"], w)
-    f0, f1 = full_query_run(k0, r0, r1, g["q_offset"], g["bm"], g["bn"], q_end, g["lk"], g["p"], g["c"], w)
+    r0, r1 = query_tiles(k0, g["bn"], g["lq"], g["lk"], g["bm"], g["p"], g["c"], w)
+    f0, f1 = full_query_run(k0, r0, r1, g["bm"], g["bn"], g["lq"], g["lk"], g["p"], g["c"], w)
     return set(range(r0, r1)), set(range(f0, f1))
 
 
@@ -70,19 +68,18 @@ def test_tile_classifier_agrees_with_dense_mask():
     for _ in range(600):
         g = _tile_geometry(rng)
         w = resolve_window(g["w"], g["lk"], g["p"], g["c"])
-        mask = kernels.chunk_causal_mask(g["lq"], g["lk"], prefix_len=g["p"], chunk_len=g["c"],
-                                         q_offset=g["q_offset"], window_chunks=g["w"])
+        mask = kernels.chunk_causal_mask(g["lq"], g["lk"], prefix_len=g["p"], chunk_len=g["c"], window_chunks=g["w"])
         n_q, n_k = -(-g["lq"] // g["bm"]), -(-g["lk"] // g["bn"])
         # the key walk judges whole query tiles, rows past the end included (they are never stored)
         padded = kernels.chunk_causal_mask(n_q * g["bm"], g["lk"], prefix_len=g["p"], chunk_len=g["c"],
-                                           q_offset=g["q_offset"], window_chunks=g["w"])
+                                           window_chunks=g["w"])
 
         def block(m, t, rows=mask):
             return rows[m * g["bm"]:(m + 1) * g["bm"], t * g["bn"]:(t + 1) * g["bn"]]
         keys_in = [(t + 1) * g["bn"] <= g["lk"] for t in range(n_k)]
         rows_in = [(m + 1) * g["bm"] <= g["lq"] for m in range(n_q)]
         for m in range(n_q):
-            visited, unmasked = _visited_key_tiles(g["q_offset"] + m * g["bm"], g, w)
+            visited, unmasked = _visited_key_tiles(m * g["bm"], g, w)
             assert visited == {t for t in range(n_k) if block(m, t).any()}, (g, m)
             assert unmasked == {t for t in range(n_k) if keys_in[t] and block(m, t, padded).all()}, (g, m)
         for t in range(n_k):
@@ -100,9 +97,8 @@ def test_visible_on_python_ints_and_tensors_agree():
 def test_reference_matches_explicit_softmax():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 13, 3, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    q = q[:, 4:]
-    out = kernels.reference_attention(q, k, v, prefix_len=3, chunk_len=4, q_offset=4, window_chunks=2)
-    mask = kernels.chunk_causal_mask(9, 13, prefix_len=3, chunk_len=4, q_offset=4, window_chunks=2)
+    out = kernels.reference_attention(q, k, v, prefix_len=3, chunk_len=4, window_chunks=2)
+    mask = kernels.chunk_causal_mask(13, 13, prefix_len=3, chunk_len=4, window_chunks=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8 ** 0.5
     weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     assert torch.allclose(out, torch.einsum("bhqk,bkhd->bqhd", weights, v), atol=1e-12)
@@ -118,15 +114,16 @@ def test_reference_backend_is_differentiable():
     (dict(chunk_len=0), "chunk_causal_attention: chunk_len must be >= 1, got 0"),
     (dict(prefix_len=-1), "chunk_causal_attention: prefix_len must be >= 0, got -1"),
     (dict(window_chunks=0), "chunk_causal_attention: window_chunks must be None or >= 1, got 0"),
-    (dict(q_offset=3), "chunk_causal_attention: queries at q_offset=3 with length 10 do not fit inside 10 keys"),
+    (dict(k=torch.zeros(1, 12, 2, 4)), "chunk_causal_attention: q (1, 10, 2, 4) and k (1, 12, 2, 4) differ in shape"),
+    (dict(v=torch.zeros(1, 10, 2, 8)), "chunk_causal_attention: q (1, 10, 2, 4) and v (1, 10, 2, 8) differ in shape"),
     (dict(backend="flash"), "chunk_causal_attention: backend must be one of ('auto', 'triton', 'reference'), "
                             "got 'flash'"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, message):
     q = torch.randn(1, 10, 2, 4)
-    args = dict(prefix_len=2, chunk_len=3) | kwargs
+    args = dict(k=q, v=q, prefix_len=2, chunk_len=3) | kwargs
     with pytest.raises(ValueError) as err:
-        kernels.chunk_causal_attention(q, q, q, **args)
+        kernels.chunk_causal_attention(q, **args)
     assert str(err.value) == message
 
 

@@ -43,10 +43,9 @@ CASES = {
     "no_prefix": (1, 77, 77, 2, 64, dict(prefix_len=0, chunk_len=13)),
     "prefix_and_window": (1, 62, 62, 2, 64, dict(prefix_len=10, chunk_len=9, window_chunks=2)),
     "long_prefix_one_chunk": (1, 50, 50, 2, 64, dict(prefix_len=30, chunk_len=40)),
-    "decode_offset": (2, 20, 70, 2, 64, dict(prefix_len=12, chunk_len=10, q_offset=50, window_chunks=3)),
-    "offset_inside_prefix": (1, 30, 61, 2, 64, dict(prefix_len=20, chunk_len=7, q_offset=9)),
+    "batch_and_window_3": (2, 70, 70, 2, 64, dict(prefix_len=12, chunk_len=10, window_chunks=3)),
     "head_dim_128": (1, 40, 40, 2, 128, dict(prefix_len=6, chunk_len=11)),
-    "head_dim_128_decode": (1, 17, 45, 1, 128, dict(prefix_len=5, chunk_len=8, q_offset=28, window_chunks=2)),
+    "head_dim_128_window": (1, 45, 45, 1, 128, dict(prefix_len=5, chunk_len=8, window_chunks=2)),
 }
 
 
@@ -92,11 +91,11 @@ def test_cases_exercise_skipped_masked_and_unmasked_tiles():
     tile = tile_configs(64, torch.float32, on_cuda=False)["forward"]
     kinds = set()
     for batch, q_len, k_len, heads, head_dim, geometry in CASES.values():
-        p, c, off = geometry["prefix_len"], geometry["chunk_len"], geometry.get("q_offset", 0)
+        p, c = geometry["prefix_len"], geometry["chunk_len"]
         w = resolve_window(geometry.get("window_chunks"), k_len, p, c)
         n_k = -(-k_len // tile.block_n)
-        for q0 in range(off, off + q_len, tile.block_m):
-            n_prefix, c0, c1 = key_tiles(q0, tile.block_m, off + q_len, k_len, tile.block_n, p, c, w)
+        for q0 in range(0, q_len, tile.block_m):
+            n_prefix, c0, c1 = key_tiles(q0, tile.block_m, q_len, k_len, tile.block_n, p, c, w)
             visited = (c1 - c0) + n_prefix
             kinds |= {"skipped"} if visited < n_k else set()
             for start, end in ((0, n_prefix), (c0, c1)):
@@ -112,9 +111,9 @@ def test_unequal_tile_shapes_match_the_reference():
     from kernels.reference import resolve_window
 
     configs = {"forward": TileConfig(32, 16, 1, 1), "dkdv": TileConfig(16, 32, 1, 1), "dq": TileConfig(32, 16, 1, 1)}
-    q, k, v, dout = (t.double() for t in _inputs(1, 45, 83, 2, 16, torch.float32, seed=5))
-    geometry = dict(prefix_len=11, chunk_len=9, q_offset=30, window_chunks=3)
-    launch = (11, 9, 30, resolve_window(3, 83, 11, 9))
+    q, k, v, dout = (t.double() for t in _inputs(1, 83, 83, 2, 16, torch.float32, seed=5))
+    geometry = dict(prefix_len=11, chunk_len=9, window_chunks=3)
+    launch = (11, 9, resolve_window(3, 83, 11, 9))
     out, lse = attention_forward(q.float(), k.float(), v.float(), launch, configs)
     grads = attention_backward(q.float(), k.float(), v.float(), out, lse, dout.float(), launch, configs)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]

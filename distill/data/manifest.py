@@ -45,9 +45,6 @@ class Skip:
     line: int
     reason: str
 
-    def to_json(self) -> dict:
-        return {"line": self.line, "reason": self.reason}
-
 
 class BadRecord(ValueError):
     """Why one manifest line cannot be prepared (the line is added by the caller)."""
