@@ -237,11 +237,14 @@ class OdeConfig:
     steps: int = key(50, "Euler steps of the teacher's sampler")
     shift: float = key(8.0, "timestep shift of the sampling schedule (public ODE-pair code: 8)")
     guidance_scale: float = key(5.0, "ordinary CFG scale against sampler.negative_prompt (1: conditional only)")
+    teacher_from: str = key("teacher", "stage folder (listed in `needs:`) whose trained teacher samples the pairs")
     dtype: str = choice("bfloat16", ("bfloat16", "float16", "float32"), "dtype of the tensors stored in shards")
 
 
 @dataclass
 class CausalInitConfig:
+    teacher_from: str = key("teacher", "stage folder (listed in `needs:`) whose trained teacher the student starts as")
+    pairs_from: str = key("ode-pairs", "stage folder (listed in `needs:`) whose ODE pairs the student regresses")
     eval_pairs: int = key(8, "ODE pairs the student samples (cached steps, re-noised with the pair's own "
                           "noise; all steps and the first alone) before and after training; the mean squared "
                           "distances to the teacher's end points are reported (0: none)")

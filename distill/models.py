@@ -1,4 +1,5 @@
-"""Recipe → the Wan transformer and the next-shot teacher (teacher, ODE, causal-init and DMD stages).
+"""Recipe → the models: the Wan transformer, the next-shot teacher, the causal student and the
+components a student folder describes (teacher, ODE, causal-init, DMD and export stages).
 
 `model.path` set: a Wan2.1 diffusers transformer is loaded and checked against the codec's latent
 channels and the text encoder's width. `model.path` empty: a random Wan is built from `model.*`,
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from student.model import CausalStudent
+from teacher.encoders import component_folder
 from teacher.model import NextShotTeacher
 
 
@@ -25,21 +28,13 @@ def _json(folder: Path, what: str) -> dict:
         raise FileNotFoundError(f"{path}: {what} config not found") from None
 
 
-def _component(root: str, name: str) -> Path:
-    """A component folder of a diffusers root (`root/name`), or `root` itself when it is one."""
-    path = Path(root)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{root}: model folder not found")
-    return path / name if (path / name).is_dir() else path
-
-
 def latent_channels(codec: DictConfig) -> int:
     """Channels of the codec's latents: 3·patch² for PatchCodec, the VAE's z_dim for Wan."""
     if codec.kind == "patch":
         return 3 * codec.patch * codec.patch
     if not codec.path:
         raise ValueError("codec.path: the Wan VAE folder is required when codec.kind is 'wan'")
-    return int(_json(_component(codec.path, "vae"), "codec.path VAE")["z_dim"])
+    return int(_json(component_folder(codec.path, "vae"), "codec.path VAE")["z_dim"])
 
 
 def text_dim(text: DictConfig) -> int:
@@ -48,7 +43,7 @@ def text_dim(text: DictConfig) -> int:
         return int(text.dim)
     if not text.path:
         raise ValueError("text_encoder.path: the UMT5 folder is required when text_encoder.kind is 'umt5'")
-    return int(_json(_component(text.path, "text_encoder"), "text_encoder.path UMT5")["d_model"])
+    return int(_json(component_folder(text.path, "text_encoder"), "text_encoder.path UMT5")["d_model"])
 
 
 def wan_config(cfg: DictConfig) -> dict:
@@ -78,7 +73,7 @@ def build_wan(cfg: DictConfig) -> torch.nn.Module:
 
     if not cfg.model.path:
         return WanTransformer3DModel(**wan_config(cfg))
-    folder = _component(cfg.model.path, "transformer")
+    folder = component_folder(cfg.model.path, "transformer")
     wan = WanTransformer3DModel.from_pretrained(str(folder), torch_dtype=torch.float32)
     channels, width = latent_channels(cfg.codec), text_dim(cfg.text_encoder)
     if (wan.config.out_channels or wan.config.in_channels) != channels:
@@ -105,3 +100,66 @@ def build_teacher(cfg: DictConfig) -> NextShotTeacher:
 def load_teacher(folder: str | Path) -> NextShotTeacher:
     """A trained teacher saved by the teacher stage (`<teacher stage>/model`), with its own settings."""
     return NextShotTeacher.from_pretrained(folder, torch_dtype=torch.float32)
+
+
+def check_student_keys(cfg: DictConfig) -> None:
+    """The `student.*` keys omegaconf cannot range-check, before any compute (ValueError naming the key)."""
+    from student.settings import StudentSettings
+
+    s = cfg.student
+    if s.shift <= 0:
+        raise ValueError(f"student.shift must be > 0, got {s.shift}")
+    StudentSettings(chunk_frames=s.chunk_frames, local_chunks=s.local_chunks,
+                    denoising_steps=list(s.denoising_steps), shift=s.shift).check()
+
+
+def build_student(cfg: DictConfig, teacher: NextShotTeacher) -> CausalStudent:
+    """The one build of the recipe's student (`student.*` and the context rule `data.context`; theta,
+    captions and an "auto" indicator follow the teacher) around the teacher's transformer (shared, not
+    copied), all parameters trainable."""
+    s = cfg.student
+    student = CausalStudent.from_teacher(
+        teacher, chunk_frames=s.chunk_frames, copy=False,
+        indicator=None if s.indicator == "auto" else s.indicator, local_chunks=s.local_chunks,
+        context_frames=cfg.data.context.budget, context_strategy=cfg.data.context.strategy,
+        denoising_steps=list(s.denoising_steps), shift=s.shift)
+    student.requires_grad_(True)
+    student.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
+    return student
+
+
+def student_components(cfg: DictConfig) -> dict:
+    """The codec, text encoder and video a student folder describes, from the recipe. Wan components
+    are folders on disk (referenced by a stage folder, copied by a serving export); the tiny random
+    text encoder exists nowhere else, so it is given as an object to save inside."""
+    from distill.data.components import build_text_encoder
+
+    c, t = cfg.codec, cfg.text_encoder
+    codec = {"kind": "patch", "patch": int(c.patch)} if c.kind == "patch" else \
+        {"kind": "wan", "path": str(component_folder(c.path, "vae")), "dtype": c.dtype}
+    text = build_text_encoder(t) if t.kind == "tiny_t5" else \
+        {"kind": "umt5", "path": str(Path(t.path).resolve()), "max_tokens": int(t.max_tokens), "dtype": t.dtype}
+    video = {"height": int(cfg.data.height), "width": int(cfg.data.width), "fps": float(cfg.data.fps),
+             "frames": int(cfg.data.shot_frames)}
+    return {"codec": codec, "text_encoder": text, "video": video}
+
+
+def save_stage_student(engine, student: CausalStudent, folder: Path, cfg: DictConfig, env) -> None:
+    """Rank 0 writes a stage's trained student folder (ZeRO-3 parameters gathered first); its components
+    are referenced where they are, never copied (student/folder.py)."""
+    from distill.distributed import barrier
+    from distill.trainer import gathered
+    from student.export import save_student
+
+    components = student_components(cfg)
+    with gathered(engine):
+        if env.is_main:
+            save_student(student, folder, components)
+    barrier()
+
+
+def student_timesteps(cfg: DictConfig) -> list[float]:
+    """The student's denoising timesteps after the shift: the trajectory points ODE pairs keep."""
+    from student.sampling import denoising_timesteps
+
+    return denoising_timesteps(list(cfg.student.denoising_steps), cfg.student.shift)

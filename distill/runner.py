@@ -18,9 +18,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from distill import layout
 from distill.config import ConfigError, load_recipe, to_yaml
-
-DONE = "DONE"
 
 
 @dataclass
@@ -69,18 +68,13 @@ def plan(path: str | Path, overrides: list[str], top: DictConfig | None = None,
     return node
 
 
-def _done(stage_dir: Path) -> dict | None:
-    marker = stage_dir / DONE
-    return json.loads(marker.read_text()) if marker.is_file() else None
-
-
 class Runner:
     """Executes a planned tree on this process's share of the job."""
 
     def __init__(self, root: Node, env):
         from distill.distributed import barrier
         self.root, self.env, self.barrier = root, env, barrier
-        self.run_dir = Path(root.cfg.run.out) / root.cfg.run.name
+        self.run_dir = layout.run_dir(root.cfg.run.out, root.cfg.run.name)
         self.summary: dict[str, dict] = {}
 
     def _write(self, path: Path, text: str) -> None:
@@ -91,7 +85,7 @@ class Runner:
 
     def execute(self, node: Node) -> None:
         for need in node.needs:
-            if need.folder is None or _done(self.run_dir / need.folder) is None:
+            if need.folder is None or layout.done_record(self.run_dir / need.folder) is None:
                 self.execute(need)
         for step in node.steps:
             self.execute(step)
@@ -103,14 +97,14 @@ class Runner:
         from distill.logging import write_run_info
         from distill.stages.base import StageContext
         stage_dir = self.run_dir / node.folder
-        finished = _done(stage_dir)
+        finished = layout.done_record(stage_dir)
         if finished is not None:
             self.summary[node.folder] = {**finished, "status": "done earlier"}
             return
-        self._write(stage_dir / "config.yaml", to_yaml(node.cfg))
+        self._write(stage_dir / layout.CONFIG, to_yaml(node.cfg))
         self.barrier()
         ctx = StageContext(run_dir=self.run_dir, stage_dir=stage_dir,
-                           tb_dir=self.run_dir / "tb" / node.folder, env=self.env,
+                           tb_dir=layout.tb_dir(self.run_dir, node.folder), env=self.env,
                            recipe=node.path,
                            needs={n.folder: self.run_dir / n.folder for n in node.needs if n.folder})
         write_run_info(ctx.tb_dir, node.cfg, main=self.env.is_main)  # HParams + custom-scalars layout
@@ -118,12 +112,13 @@ class Runner:
         t0 = time.perf_counter()
         stage = node.cls(node.cfg, ctx)
         metrics = stage.run()
-        record = {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 3)}
+        record = {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 3),
+                  "produces": getattr(node.cls, "produces", None), "finished": time.time()}
         if getattr(stage, "summary_table", None):  # a stage's own table for the summary (eval: per stage)
             record["table"] = stage.summary_table
         self.barrier()
-        self._write(stage_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        self._write(stage_dir / DONE, json.dumps(record, indent=2) + "\n")  # last: marks finished
+        self._write(stage_dir / layout.METRICS, json.dumps(metrics, indent=2) + "\n")
+        self._write(stage_dir / layout.DONE, json.dumps(record, indent=2) + "\n")  # last: marks finished
         self.barrier()
         self.summary[node.folder] = {**record, "status": "ran"}
 
@@ -148,7 +143,7 @@ def run_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, dict]:
     root = plan(path, list(overrides))
     env = init_distributed(root.cfg.run.dist_timeout)
     runner = Runner(root, env)
-    runner._write(runner.run_dir / "config.yaml", to_yaml(root.cfg))
+    runner._write(runner.run_dir / layout.CONFIG, to_yaml(root.cfg))
     runner.barrier()
     runner.execute(root)
     if env.is_main:

@@ -13,6 +13,7 @@ import math
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -20,7 +21,7 @@ from typing import Any, Callable, Protocol
 import torch
 from omegaconf import DictConfig
 
-from distill import checkpoint
+from distill import checkpoint, layout
 from distill.deepspeed_config import deepspeed_config
 from distill.distributed import all_sum, barrier, broadcast_object, prepare_deepspeed
 from distill.logging import StageLogger
@@ -124,6 +125,15 @@ def register_external_parameters(engine) -> None:
         deepspeed.zero.register_external_parameter(engine.module, param)
 
 
+def gathered(engine):
+    """Full parameters of an engine's module inside the block (ZeRO-3 gathers them on every rank)."""
+    if engine.zero_optimization_stage() != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
 def place_frozen(module: torch.nn.Module, cfg: DictConfig, env) -> Any:
     """A frozen model (teacher, real score) ready for forward: a plain module on the device in the
     training dtype, or, with `deepspeed.frozen_zero3`, a ZeRO-3 partitioned engine (no optimizer)."""
@@ -185,7 +195,7 @@ class Trainer:
         self.bad_total = 0
         self.bad_streak = 0
         self.last: dict[str, float] = {}
-        self.ckpt_root = Path(ctx.stage_dir) / "checkpoints"
+        self.ckpt_root = Path(ctx.stage_dir) / layout.CHECKPOINTS
         # Models are built alike on every rank (runner seeded run.seed); noise differs per rank.
         checkpoint.seed_all(cfg.run.seed + self.env.rank)
 

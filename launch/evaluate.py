@@ -15,12 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
+from distill import layout
+
 
 def _run_config(run: Path, overrides: list[str]):
     from distill.config import load_recipe
 
-    stage = run / "eval" / "config.yaml"
-    return load_recipe(stage if stage.is_file() else run / "config.yaml", overrides)
+    stage = run / layout.EVAL / layout.CONFIG
+    return load_recipe(stage if stage.is_file() else run / layout.CONFIG, overrides)
 
 
 def _export_config(overrides: list[str]):
@@ -50,21 +52,21 @@ def evaluate(args: argparse.Namespace) -> int:
     source = Path(args.source)
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: export or run folder not found")
-    is_run = (source / "config.yaml").is_file()
+    is_run = (source / layout.CONFIG).is_file()
     if not is_run and not args.prompts:
         raise ValueError(f"{source}: not a run folder (no config.yaml): give --prompts FILE")
     overrides = list(args.overrides) + ([f"eval.prompts={args.prompts}"] if args.prompts else []) + \
         ([f"eval.videos={args.videos}"] if args.videos is not None else [])
     cfg = _run_config(source, overrides) if is_run else _export_config(overrides)
     check_eval(cfg.eval, str(source))
-    out = Path(args.out) if args.out else source / "eval" if is_run else source.parent / f"{source.name}-eval"
-    prompts = select_prompts(cfg.eval, Path(cfg.data.prepared) if cfg.data.prepared else source / "prepare")
+    out = Path(args.out) if args.out else source / layout.EVAL if is_run else source.parent / f"{source.name}-eval"
+    prompts = select_prompts(cfg.eval, Path(cfg.data.prepared) if cfg.data.prepared else source / layout.PREPARE)
     quiet_loading()
-    tb = source / "tb" / "eval" if is_run and not args.out else out / "tb"
+    tb = layout.tb_dir(source, layout.EVAL) if is_run and not args.out else out / layout.TB
     seed = cfg.run.seed if args.seed is None else args.seed
     run = EvalRun(torch.device(args.device), seed, ev=cfg.eval, out=out, tb_dir=tb)
     metrics, table = evaluate_run(source if is_run else None, prompts, run, export=None if is_run else source)
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / layout.METRICS, json.dumps(metrics, indent=2) + "\n")
     report = json.loads((out / "report.json").read_text())
     for name, value in metrics.items():
         print(f"{name:<20} {value:.4g}")

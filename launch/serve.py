@@ -27,7 +27,7 @@ def quiet_loading() -> None:
 
 def export(args: argparse.Namespace) -> int:
     """Export the newest finished student of RUN_DIR (or a stage folder) into --out."""
-    from distill.stages.export import export_run
+    from distill.export import export_run
 
     quiet_loading()
     folder = export_run(args.source, args.out)

@@ -1,12 +1,13 @@
-"""The causal chunk student: model, dual KV cache, per-chunk few-step sampling, export/load, streaming generator."""
+"""The causal chunk student: model, context, dual KV cache, per-chunk few-step sampling, student
+folders (save/load), streaming generator."""
 
 from __future__ import annotations
 
-__all__ = ["CausalStudent", "StudentSettings", "KVCache", "ChunkStream", "export_student", "load_student",
+__all__ = ["CausalStudent", "StudentSettings", "Context", "KVCache", "ChunkStream", "save_student",
            "StreamingGenerator"]
 
-_WHERE = {"CausalStudent": "student.model", "StudentSettings": "student.model", "KVCache": "student.cache",
-          "ChunkStream": "student.sampling", "export_student": "student.export", "load_student": "student.export",
+_WHERE = {"CausalStudent": "student.model", "StudentSettings": "student.settings", "Context": "student.context",
+          "KVCache": "student.cache", "ChunkStream": "student.sampling", "save_student": "student.export",
           "StreamingGenerator": "student.generator"}
 
 

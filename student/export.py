@@ -1,144 +1,84 @@
-"""Export a CausalStudent for serving, and load it back (diffusers + safetensors only, never DeepSpeed).
+"""Write a CausalStudent as a student folder (student/folder.py): a stage's product or a serving export.
 
-An export folder:
-
-    transformer/            diffusers WanTransformer3DModel (config.json + safetensors), LoRA merged
-    indicator.safetensors   the learned shot-boundary vector (indicator "learnable" only)
-    <component>/            copied component folders (e.g. vae/, text_encoder/), when given as folders
-    generator.json          {"format": 1, "student": StudentSettings, "components": {name: description}}
-
-A component description is a JSON object (e.g. the recipe's codec / text_encoder section); its "path",
-when it names a folder, is copied into the export and rewritten relative to it, and an object with
-`save_pretrained` is saved under its name. `read_export` resolves those paths for
-`StreamingGenerator.from_export`. The folder is written under a temporary name and renamed into place.
+`save_student(student, folder, components, copy)` writes the folder atomically. A component
+description whose "path" names folders on disk is referenced in place, or with `copy` its
+subfolders (`COMPONENT_FOLDERS`: `vae/`, or `text_encoder/` + `tokenizer/`) are copied into the
+folder: never a whole model root. A component given as an object with `save_pretrained` (the tiny
+random text encoder, which exists nowhere on disk) is saved inside. `export_folder` copies a finished
+student folder into a self-contained serving export.
 """
 
 from __future__ import annotations
 
-import copy
-import json
+import copy as copying
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from student.model import INDICATOR_FILE, CausalStudent, settings_from_dict
-from teacher.files import atomic_folder
-
-GENERATOR_FILE = "generator.json"
-EXPORT_FORMAT = 1
-
-
-@dataclass
-class ExportInfo:
-    """What generator.json says: the student settings and the components with absolute paths."""
-
-    folder: Path
-    settings: dict
-    components: dict[str, dict]
-
+from student.folder import (COMPONENT_FOLDERS, FORMAT, GENERATOR_FILE, INDICATOR_FILE, TRANSFORMER,
+                            read_folder)
+from student.model import CausalStudent
+from teacher.encoders import component_folder
+from teacher.files import atomic_folder, write_atomic
 
 def merged_transformer(student: CausalStudent) -> torch.nn.Module:
     """The student's transformer with any peft LoRA adapters merged (on a copy; the student is untouched)."""
     transformer = student.transformer
     if not getattr(transformer, "peft_config", None):
         return transformer
-    merged = copy.deepcopy(transformer)
+    merged = copying.deepcopy(transformer)
     merged.fuse_lora()
     merged.unload_lora()
     return merged
 
 
-def _write_components(components: Mapping[str, Any], folder: Path) -> dict[str, dict]:
-    """Copy/save component folders into `folder`; return their descriptions with relative paths."""
-    described = {}
-    for name, value in components.items():
-        if name in ("transformer", GENERATOR_FILE, INDICATOR_FILE) or "/" in name or name.startswith("."):
-            raise ValueError(f"export component name {name!r} is reserved or not a plain folder name")
-        if hasattr(value, "save_pretrained"):
-            value.save_pretrained(folder / name)
-            described[name] = {"path": name, "class": type(value).__name__}
-            continue
-        entry = dict(value)
-        source = entry.get("path")
-        if source:
-            if not Path(source).is_dir():
-                raise FileNotFoundError(f"export component {name}: {source} is not a folder")
-            shutil.copytree(source, folder / name)
-            entry["path"] = name
-        described[name] = entry
-    return described
+def _component(name: str, value: Any, folder: Path, copy: bool) -> dict:
+    """One component's description, with its folders copied into (or its object saved in) `folder`."""
+    if hasattr(value, "save_pretrained"):
+        value.save_pretrained(folder)
+        return {"kind": "umt5", "path": ".", "max_tokens": value.max_tokens, "dtype": "float32"}
+    entry = dict(value)
+    source = entry.get("path")
+    if not source:
+        return entry
+    if not Path(source).is_dir():
+        raise FileNotFoundError(f"student component {name}: {source} is not a folder")
+    if not copy:
+        entry["path"] = str(Path(source).resolve())
+        return entry
+    for part in COMPONENT_FOLDERS.get(entry.get("kind"), ()):
+        if (folder / part).exists():
+            raise ValueError(f"student components {name!r} and another both want the folder {part}/")
+        shutil.copytree(component_folder(source, part), folder / part)
+    entry["path"] = "."
+    return entry
 
 
-def export_student(student: CausalStudent, folder: str | os.PathLike,
-                   components: Mapping[str, Any] | None = None) -> Path:
-    """Write the export folder (see module doc) atomically; returns its path."""
+def save_student(student: CausalStudent, folder: str | os.PathLike, components: Mapping[str, Any] | None = None,
+                 copy: bool = False) -> Path:
+    """Write the student folder atomically (see module doc); returns its path."""
+    import json
+
     with atomic_folder(folder) as tmp:
-        merged_transformer(student).save_pretrained(str(tmp / "transformer"))
+        merged_transformer(student).save_pretrained(str(tmp / TRANSFORMER))
         if student.shot_indicator is not None:
             from safetensors.torch import save_file
 
             save_file({"shot_indicator": student.shot_indicator.detach().contiguous().cpu()},
                       str(tmp / INDICATOR_FILE))
-        meta = {"format": EXPORT_FORMAT, "student": student.settings_dict(),
-                "components": _write_components(components or {}, tmp)}
-        (tmp / GENERATOR_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    final = Path(folder)
-    return final
+        described = {name: _component(name, value, tmp, copy) for name, value in (components or {}).items()}
+        meta = {"format": FORMAT, "student": student.settings.to_dict(), "components": described}
+        write_atomic(tmp / GENERATOR_FILE, json.dumps(meta, indent=2) + "\n")
+    return Path(folder)
 
 
-def _require(folder: Path, relative: str) -> Path:
-    path = folder / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{folder}: export is missing {relative}")
-    return path
-
-
-def read_export(folder: str | os.PathLike) -> ExportInfo:
-    """Parse generator.json; component paths inside the export become absolute."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: export folder not found")
-    meta_path = _require(root, GENERATOR_FILE)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    for key in ("format", "student", "components"):
-        if key not in meta:
-            raise ValueError(f"{meta_path}: missing key {key!r}")
-    if meta["format"] != EXPORT_FORMAT:
-        raise ValueError(f"{meta_path}: export format {meta['format']} is not supported (expected {EXPORT_FORMAT})")
-    components = {}
-    for name, entry in meta["components"].items():
-        entry = dict(entry)
-        if entry.get("path") and not Path(entry["path"]).is_absolute():
-            entry["path"] = str(_require(root, entry["path"]))
-        components[name] = entry
-    return ExportInfo(root, meta["student"], components)
-
-
-def load_student(folder: str | os.PathLike, torch_dtype: torch.dtype | None = None,
-                 attention_backend: str = "auto") -> CausalStudent:
-    """CausalStudent from an export folder; a missing file is named in a one-line error."""
-    from diffusers import WanTransformer3DModel
-
-    info = read_export(folder)
-    root = info.folder
-    _require(root, "transformer/config.json")
-    if not list((root / "transformer").glob("*.safetensors")):
-        raise FileNotFoundError(f"{root}: export is missing transformer/*.safetensors")
-    settings = settings_from_dict(info.settings, root / GENERATOR_FILE)
-    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-    transformer = WanTransformer3DModel.from_pretrained(str(root / "transformer"), **kwargs)
-    student = CausalStudent(transformer, settings, attention_backend=attention_backend)
-    if student.shot_indicator is not None:
-        from safetensors.torch import load_file
-
-        saved = load_file(str(_require(root, INDICATOR_FILE)))["shot_indicator"]
-        with torch.no_grad():
-            student.shot_indicator.copy_(saved.to(student.shot_indicator.dtype))
-    return student.eval()
+def export_folder(source: str | os.PathLike, out: str | os.PathLike,
+                  torch_dtype: torch.dtype | None = None) -> Path:
+    """A self-contained serving export of the student folder `source`: the student rewritten and every
+    component folder it references copied (only the subfolders the components load)."""
+    info = read_folder(source)
+    student = CausalStudent.from_pretrained(info.folder, torch_dtype=torch_dtype)
+    return save_student(student, out, info.components, copy=True)

@@ -49,7 +49,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from student.export import load_student, read_export
+from student.folder import read_folder
 from student.context import Context, pick_context
 from student.model import CausalStudent
 from student.sampling import ChunkStream
@@ -151,9 +151,9 @@ class StreamingGenerator:
     def from_export(cls, folder: str | os.PathLike, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None, global_prompt: str = "", seed: int = 0,
                     references: Sequence[Reference] = ()) -> "StreamingGenerator":
-        """Load an export folder (transformer, codec, text encoder, generator.json); no DeepSpeed."""
-        info = read_export(folder)
-        student = load_student(folder, torch_dtype=dtype).to(device)
+        """Load a student folder (a serving export or a stage's `student/`); no DeepSpeed."""
+        info = read_folder(folder)
+        student = CausalStudent.from_pretrained(folder, torch_dtype=dtype).to(device)
         codec, text, video = load_components(info.components, info.folder, device)
         return cls(student, codec, text, video, global_prompt=global_prompt, seed=seed, references=references)
 

@@ -16,66 +16,19 @@ Shot boundary indicator (`indicator`, ShotStream Table 4):
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from kernels import chunk_causal_attention
 from teacher.backbone import Attention, KVProvider, TextKV, WanBackbone
-from teacher.context import STRATEGIES
+from student.folder import GENERATOR_FILE, INDICATOR_FILE, TRANSFORMER, read_folder, require
+from student.settings import StudentSettings, settings_from_dict
 from teacher.rope import shot_positions
 
-INDICATORS = ("rope_offset", "learnable", "none")
-INDICATOR_FILE = "indicator.safetensors"
 _TEACHER_POSITIONS = {"rope_offset": "shot_rope", "learnable": "sequential", "none": "sequential"}
-
-
-@dataclass
-class StudentSettings:
-    """Everything besides the weights that defines what the student computes (saved with exports)."""
-
-    chunk_frames: int = 3
-    local_chunks: int = 7
-    context_frames: int = 6  # the global cache's size: the context budget
-    context_strategy: str = "dynamic"
-    indicator: str = "rope_offset"
-    theta: float = 1.0 / 6.0
-    captions: str = "multi"
-    denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
-    shift: float = 5.0
-
-    def check(self) -> "StudentSettings":
-        """Raise ValueError naming the first bad setting."""
-        if self.indicator not in INDICATORS:
-            raise ValueError(f"student indicator must be one of {list(INDICATORS)}; got {self.indicator!r}")
-        if self.context_strategy not in STRATEGIES:
-            raise ValueError(f"student context_strategy must be one of {list(STRATEGIES)}; "
-                             f"got {self.context_strategy!r}")
-        if self.captions not in ("multi", "target_only"):
-            raise ValueError(f"student captions must be 'multi' or 'target_only'; got {self.captions!r}")
-        for name in ("chunk_frames", "local_chunks", "context_frames"):
-            low = 1 if name == "chunk_frames" else 0
-            if int(getattr(self, name)) < low:
-                raise ValueError(f"student {name} must be >= {low}; got {getattr(self, name)}")
-        steps = [float(t) for t in self.denoising_steps]
-        if not steps or any(not 0 < t <= 1000 for t in steps) or steps != sorted(steps, reverse=True):
-            raise ValueError(f"student denoising_steps must be descending timesteps in (0, 1000]; got {steps}")
-        self.denoising_steps = steps
-        return self
-
-    @property
-    def window_chunks(self) -> int:
-        """Chunks a target chunk attends to (itself included), the full-sequence equivalent of the cache."""
-        return self.local_chunks + 1
-
-    @property
-    def position_theta(self) -> float:
-        return self.theta if self.indicator == "rope_offset" else 0.0
 
 
 class CausalStudent(nn.Module):
@@ -122,10 +75,26 @@ class CausalStudent(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None,
                         attention_backend: str = "auto") -> "CausalStudent":
-        """Load an export folder written by `student.export.export_student` (no DeepSpeed import)."""
-        from student.export import load_student
+        """The one loader: a student folder (a stage's `student/` or a serving export, see
+        student/folder.py); a missing file is named in a one-line error. Never imports DeepSpeed."""
+        from diffusers import WanTransformer3DModel
 
-        return load_student(folder, torch_dtype=torch_dtype, attention_backend=attention_backend)
+        info = read_folder(folder)
+        root = info.folder
+        require(root, f"{TRANSFORMER}/config.json")
+        if not list((root / TRANSFORMER).glob("*.safetensors")):
+            raise FileNotFoundError(f"{root}: student folder is missing {TRANSFORMER}/*.safetensors")
+        settings = settings_from_dict(info.settings, root / GENERATOR_FILE)
+        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        transformer = WanTransformer3DModel.from_pretrained(str(root / TRANSFORMER), **kwargs)
+        student = cls(transformer, settings, attention_backend=attention_backend)
+        if student.shot_indicator is not None:
+            from safetensors.torch import load_file
+
+            saved = load_file(str(require(root, INDICATOR_FILE)))["shot_indicator"]
+            with torch.no_grad():
+                student.shot_indicator.copy_(saved.to(student.shot_indicator.dtype))
+        return student.eval()
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward (the KV cache's keep_graph mode supports it)."""
@@ -229,24 +198,9 @@ class CausalStudent(nn.Module):
         marked = (fc, fc + self.settings.chunk_frames) if fc else None
         return self.run(noisy, timesteps, positions, text_kv, frame_text, attn, marked=marked, out_frames=frames)
 
-    # ---- export helpers -------------------------------------------------------------------------
+    # ---- training helpers ---------------------------------------------------------------------
     def external_parameters(self) -> list[nn.Parameter]:
         """Parameters used outside their owning module's forward: the backbone's modulation tables
         and the learnable shot indicator (ZeRO-3 must gather them for the whole pass)."""
         extra = [] if self.shot_indicator is None else [self.shot_indicator]
         return self.backbone.direct_parameters() + extra
-
-    def settings_dict(self) -> dict:
-        """The settings as plain JSON values."""
-        return json.loads(json.dumps(asdict(self.settings)))
-
-
-def settings_from_dict(values: dict, source: str | Path) -> StudentSettings:
-    """StudentSettings from saved values; unknown or missing keys name the file."""
-    known = set(StudentSettings.__dataclass_fields__)
-    unknown, missing = sorted(set(values) - known), sorted(known - set(values))
-    if unknown:
-        raise ValueError(f"{source}: unknown student settings {unknown}; valid: {sorted(known)}")
-    if missing:
-        raise ValueError(f"{source}: missing student settings {missing}")
-    return StudentSettings(**values).check()

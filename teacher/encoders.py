@@ -17,6 +17,7 @@ padding positions are zeros, not the encoder's outputs at pad tokens).
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
@@ -108,8 +109,9 @@ class PatchCodec(Codec):
         return x.permute(0, 1, 4, 5, 2, 6, 3).reshape(b, cpp // (p * p), f, h * p, w * p)
 
 
-def _subfolder(path: str | Path, name: str) -> Path:
-    """A diffusers pipeline root holds components in subfolders; accept the root or the component."""
+def component_folder(path: str | os.PathLike, name: str) -> Path:
+    """A diffusers pipeline root holds components in subfolders (`vae/`, `text_encoder/`, ...): the
+    subfolder `name` of `path`, or `path` itself when it is the component folder."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: model folder not found")
@@ -133,7 +135,7 @@ class WanVAECodec(Codec):
                         dtype: torch.dtype = torch.float32) -> "WanVAECodec":
         from diffusers import AutoencoderKLWan
 
-        vae = AutoencoderKLWan.from_pretrained(_subfolder(path, "vae"), torch_dtype=dtype)
+        vae = AutoencoderKLWan.from_pretrained(component_folder(path, "vae"), torch_dtype=dtype)
         return cls(vae.to(device))
 
     def _param(self) -> torch.Tensor:
@@ -175,15 +177,16 @@ class T5TextEncoder:
         """Load `text_encoder/` and `tokenizer/` of a Wan pipeline root (or a folder holding both)."""
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        model = UMT5EncoderModel.from_pretrained(_subfolder(path, "text_encoder"), torch_dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(_subfolder(path, "tokenizer"))
+        model = UMT5EncoderModel.from_pretrained(component_folder(path, "text_encoder"), torch_dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(component_folder(path, "tokenizer"))
         return cls(model.to(device), tokenizer, max_tokens)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write `text_encoder/` and `tokenizer/` under `path`, atomically (temporary folder renamed)."""
-        with atomic_folder(path) as tmp:
-            self.model.save_pretrained(tmp / "text_encoder")
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
+        """Write `text_encoder/` and `tokenizer/` into the folder `path` (beside whatever it holds, as in a
+        Wan root); each part appears complete or not at all."""
+        for part, obj in (("text_encoder", self.model), ("tokenizer", self.tokenizer)):
+            with atomic_folder(Path(path) / part) as tmp:
+                obj.save_pretrained(tmp)
 
     @torch.no_grad()
     def encode(self, captions: Sequence[str]) -> list[torch.Tensor]:

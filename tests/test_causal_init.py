@@ -19,7 +19,8 @@ from distill.config import load_recipe
 from distill.logging import read_scalars
 from distill.models import build_teacher
 from distill.runner import run_recipe
-from distill.stages.causal_init import CausalInitStage, build_student, chunk_inputs
+from distill.models import build_student
+from distill.stages.causal_init import CausalInitStage, chunk_inputs
 from student.model import CausalStudent
 from teacher.flow import sigma
 from test_ode_pairs import PAIRS, WORLD, pairs_run  # noqa: F401 (fixture)

@@ -16,12 +16,12 @@ from conftest import REPO, free_port, shotdistill
 from distill import checkpoint
 from distill.dmd import generator_loss
 from distill.logging import read_scalars
-from distill.models import load_teacher
+from distill.models import build_student, load_teacher
 from distill.rollout import SelfForcingGenerator, shots
-from distill.runner import DONE, plan
-from distill.stages.causal_init import build_student
+from distill.layout import DONE
+from distill.runner import plan
 from distill.stages.dmd import DMDInterStage, add_lora, only_lora_trainable
-from student.export import export_student, load_student
+from student.export import save_student
 from test_ode_pairs import WORLD, build_world, copy_world
 
 TINY = REPO / "recipes" / "tiny"
@@ -38,8 +38,8 @@ def _with_causal_init(out: Path) -> Path:
     run = out / "tiny"
     cfg = plan(TINY / "causal-init.yaml", WORLD + [f"run.out={out}"]).cfg
     student = build_student(cfg, load_teacher(run / "teacher" / "model"))
-    export_student(student, run / "causal-init" / "student")
-    (run / "causal-init" / DONE).write_text(json.dumps({"metrics": {}}) + "\n")
+    save_student(student, run / "causal-init" / "student")
+    (run / "causal-init" / DONE).write_text(json.dumps({"metrics": {}, "produces": "student"}) + "\n")
     return run
 
 
@@ -69,7 +69,7 @@ def test_planning_rejects_bad_dmd_keys():
 def test_lora_trains_only_adapters_and_merged_export_equals_unmerged(dmd_world, tmp_path):
     """One generator update through a LoRA rollout changes only LoRA weights; the export (LoRA
     merged) computes what the unmerged student computes."""
-    student = load_student(dmd_world / "tiny" / "causal-init" / "student").train()
+    student = CausalStudent.from_pretrained(dmd_world / "tiny" / "causal-init" / "student").train()
     add_lora(student.transformer, plan(INTER, WORLD + [f"run.out={tmp_path}"]).cfg.lora)
     names = only_lora_trainable(student)
     assert names and all("lora_" in n for n in names)
@@ -83,8 +83,8 @@ def test_lora_trains_only_adapters_and_merged_export_equals_unmerged(dmd_world, 
     opt.step()
     changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set(names)
-    export_student(student, tmp_path / "export")
-    merged = load_student(tmp_path / "export")
+    save_student(student, tmp_path / "export")
+    merged = CausalStudent.from_pretrained(tmp_path / "export")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     student.eval()
     x, t = torch.randn(1, 12, 6, 16, 16), torch.full((1,), 700.0)

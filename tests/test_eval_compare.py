@@ -16,7 +16,7 @@ from distill.logging import read_scalars
 from distill.runner import format_summary, run_recipe
 from distill.stages.prepare import prepare
 from launch.cli import main
-from student.export import export_student
+from student.export import save_student
 from student.model import CausalStudent
 from teacher import NextShotTeacher
 
@@ -51,7 +51,7 @@ def run(tmp_path_factory):
     prepare(cfg, None, run / "prepare", progress=False)
     stage = run / "causal-init"
     teacher = NextShotTeacher(make_tiny_wan(in_channels=12, out_channels=12, text_dim=24))
-    export_student(CausalStudent.from_teacher(teacher, chunk_frames=3, local_chunks=2, context_frames=4),
+    save_student(CausalStudent.from_teacher(teacher, chunk_frames=3, local_chunks=2, context_frames=4),
                    stage / "student")
     (stage / "config.yaml").write_text(yaml.safe_dump({**RECIPE, "stage": "causal_init"}))
     (stage / "DONE").write_text(json.dumps({"metrics": {}}))

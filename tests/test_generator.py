@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import make_tiny_wan
 
-from student.export import export_student
+from student.export import save_student
 from student.generator import Reference, StreamingGenerator
 from student.model import CausalStudent
 from student.sampling import ChunkStream
@@ -36,7 +36,7 @@ def export_dir(tmp_path_factory):
     components = {"codec": {"kind": "patch", "patch": 2},
                   "text_encoder": {"kind": "umt5", "path": str(root / "t5"), "max_tokens": 8},
                   "video": {"height": 16, "width": 16, "fps": 8, "frames": 9}}
-    return export_student(student, root / "export", components)
+    return save_student(student, root / "export", components)
 
 
 @pytest.fixture

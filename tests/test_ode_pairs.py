@@ -16,8 +16,9 @@ from distill.data.components import negative_text, prepared_dir
 from distill.data.datasets import ShotDataset
 from distill.models import load_teacher
 from distill.runner import plan, run_recipe
-from distill.stages.ode_pairs import (OdePairDataset, OdePairsStage, pair_noise, pair_tensors,
-                                      sample_pair, student_timesteps)
+from distill.data.pairs import OdePairDataset
+from distill.models import student_timesteps
+from distill.stages.ode_pairs import OdePairsStage, pair_noise, pair_tensors, sample_pair
 
 TINY = REPO / "recipes" / "tiny"
 ODE = TINY / "ode-pairs.yaml"

@@ -10,9 +10,13 @@ import yaml
 from conftest import shotdistill
 from helpers import make_tiny_wan
 
-from distill.stages.export import find_student_stage
+from omegaconf import OmegaConf
+
+from distill.config import schema
+from distill.export import find_student
+from distill.models import student_components
 from launch.cli import main
-from student.export import export_student
+from student.export import save_student
 from student.model import CausalStudent
 from teacher import NextShotTeacher
 
@@ -25,12 +29,12 @@ SHOTS = ["wide: a red circle moves", "close-up: a blue square stays still"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _stage(run, name, student, done=True):
+def _stage(run, name, student, done=True, finished=0.0):
     folder = run / name
-    export_student(student, folder / "student")
+    save_student(student, folder / "student", student_components(OmegaConf.merge(schema(), RECIPE)))
     (folder / "config.yaml").write_text(yaml.safe_dump(RECIPE))
     if done:
-        (folder / "DONE").write_text(json.dumps({"metrics": {}}))
+        (folder / "DONE").write_text(json.dumps({"metrics": {}, "produces": "student", "finished": finished}))
     return folder
 
 
@@ -53,12 +57,15 @@ def exported(run_dir):
 
 
 def test_newest_finished_stage_is_chosen(run_dir, tmp_path):
-    assert find_student_stage(run_dir) == run_dir / "causal-init"
-    assert find_student_stage(run_dir / "causal-init") == run_dir / "causal-init"
+    assert find_student(run_dir) == run_dir / "causal-init"
+    assert find_student(run_dir / "causal-init") == run_dir / "causal-init"
     run = tmp_path / "run"
-    for name in ("causal-init", "dmd-inter", "dmd-intra"):
-        shutil.copytree(run_dir / "causal-init", run / name)
-    assert find_student_stage(run) == run / "dmd-inter"
+    student = CausalStudent.from_pretrained(run_dir / "causal-init" / "student")
+    for finished, name in enumerate(("causal-init", "my-own-stage", "dmd-intra")):  # any stage that produces one
+        _stage(run, name, student, finished=float(finished))
+    assert find_student(run) == run / "dmd-intra"
+    (run / "dmd-intra" / "DONE").unlink()
+    assert find_student(run) == run / "my-own-stage"
 
 
 def test_export_round_trip_is_exact(run_dir, exported):
@@ -69,7 +76,7 @@ def test_export_round_trip_is_exact(run_dir, exported):
     assert gen.student.settings == source.settings and gen.video.frames == 6
     for name, tensor in source.state_dict().items():
         assert torch.equal(tensor, gen.student.state_dict()[name]), name
-    assert (exported / "text_encoder" / "tokenizer").is_dir()
+    assert (exported / "text_encoder").is_dir() and (exported / "tokenizer").is_dir()
 
 
 def test_generate_writes_the_video(exported, tmp_path, capsys):
@@ -113,10 +120,9 @@ def test_errors_are_one_line(exported, tmp_path, capsys):
     shutil.copytree(exported, broken)
     (broken / "transformer" / "config.json").unlink()
     _fails(capsys, ["generate", str(broken), "--shot", SHOTS[0], "--out", str(out)],
-           f"{broken}: export is missing transformer/config.json")
+           f"{broken}: student folder is missing transformer/config.json")
     _fails(capsys, ["export", str(tmp_path), "--out", str(tmp_path / "x")],
-           f"{tmp_path}: no finished student (looked for dmd-inter, dmd-intra, causal-init with DONE and "
-           "student/generator.json)")
+           f"{tmp_path}: no finished student (no stage folder whose DONE says it produces a student)")
     assert not out.exists()
 
 

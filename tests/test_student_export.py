@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import make_tiny_wan
 
-from student.export import export_student, read_export
+from student.export import save_student
+from student.folder import read_folder
 from student.model import CausalStudent
 from teacher import NextShotTeacher
 
@@ -36,7 +37,7 @@ def exported(tmp_path_factory):
     vae.mkdir()
     (vae / "config.json").write_text("{}")
     components = {"codec": {"kind": "wan", "path": str(vae)}, "text_encoder": {"kind": "tiny_t5", "dim": 24}}
-    return student, export_student(student, root / "out", components)
+    return student, save_student(student, root / "out", components, copy=True)
 
 
 def test_round_trip_is_exact(exported):
@@ -51,10 +52,19 @@ def test_round_trip_is_exact(exported):
         plain = WanTransformer3DModel.from_pretrained(str(folder / "transformer"))
         assert torch.equal(plain(x, t[:, 0], text, return_dict=False)[0],
                            student.transformer(x, t[:, 0], text, return_dict=False)[0])
-    info = read_export(folder)
-    assert info.components["codec"] == {"kind": "wan", "path": str(folder / "codec")}
-    assert (folder / "codec" / "config.json").is_file()
+    info = read_folder(folder)
+    # a serving export copies the VAE folder in as vae/ and points at itself
+    assert info.components["codec"] == {"kind": "wan", "path": str(folder.resolve())}
+    assert (folder / "vae" / "config.json").is_file()
     assert info.components["text_encoder"] == {"kind": "tiny_t5", "dim": 24}
+
+
+def test_stage_folder_references_components_in_place(exported, tmp_path):
+    student, folder = exported
+    vae = folder.parent / "my_vae"
+    saved = save_student(student, tmp_path / "stage", {"codec": {"kind": "wan", "path": str(vae)}})
+    assert read_folder(saved).components["codec"]["path"] == str(vae.resolve())
+    assert not (saved / "vae").exists()
 
 
 def test_lora_adapters_are_merged(tmp_path):
@@ -64,7 +74,7 @@ def test_lora_adapters_are_merged(tmp_path):
     student = CausalStudent.from_teacher(teacher)
     student.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"],
                                                init_lora_weights=False))
-    loaded = CausalStudent.from_pretrained(export_student(student, tmp_path / "out"))
+    loaded = CausalStudent.from_pretrained(save_student(student, tmp_path / "out"))
     assert not any("lora" in name for name, _ in loaded.named_parameters())
     assert any("lora" in name for name, _ in student.named_parameters())  # the live student keeps its adapters
     x, t, text, context, context_text = _inputs()
@@ -78,7 +88,7 @@ def test_lora_adapters_are_merged(tmp_path):
 @pytest.mark.slow
 def test_loading_does_not_import_deepspeed(exported):
     _, folder = exported
-    code = ("import sys; from student.export import load_student; load_student(sys.argv[1]); "
+    code = ("import sys; from student.model import CausalStudent; CausalStudent.from_pretrained(sys.argv[1]); "
             "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'")
     done = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
@@ -86,11 +96,11 @@ def test_loading_does_not_import_deepspeed(exported):
 
 
 @pytest.mark.parametrize("missing,message", [
-    ("generator.json", "export is missing generator.json"),
-    ("transformer/config.json", "export is missing transformer/config.json"),
-    ("transformer/diffusion_pytorch_model.safetensors", "export is missing transformer/\\*.safetensors"),
-    ("indicator.safetensors", "export is missing indicator.safetensors"),
-    ("codec", "export is missing codec"),
+    ("generator.json", "student folder is missing generator.json"),
+    ("transformer/config.json", "student folder is missing transformer/config.json"),
+    ("transformer/diffusion_pytorch_model.safetensors", "student folder is missing transformer/\\*.safetensors"),
+    ("indicator.safetensors", "student folder is missing indicator.safetensors"),
+    ("vae", "student folder is missing vae"),
 ])
 def test_missing_files_are_named(exported, tmp_path, missing, message):
     import shutil

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from distill import layout
 from distill.data.datasets import PromptDataset, ShotDataset
 from distill.data.stream import DataStream
 from distill.data.synth import SynthSettings
@@ -24,7 +25,7 @@ def prepared_dir(cfg: DictConfig) -> Path:
     """Where prepared shards live: `data.prepared`, or the prepare stage's folder of this run."""
     if cfg.data.prepared:
         return Path(cfg.data.prepared)
-    return Path(cfg.run.out) / cfg.run.name / "prepare"
+    return layout.run_dir(cfg.run.out, cfg.run.name) / layout.PREPARE
 
 
 def build_codec(codec: DictConfig, device: str | torch.device = "cpu") -> Codec:

@@ -20,9 +20,8 @@ import json
 import re
 from pathlib import Path
 
-from distill.runner import DONE
+from distill import layout
 
-EVAL_FOLDER = "eval"
 AXIS_SEPARATOR = "__"
 MISSING_CELL = "–"
 
@@ -54,11 +53,11 @@ def _read_metrics(path: Path) -> dict[str, float]:
 
 def final_losses(run: Path) -> dict[str, float]:
     """`<stage> <name>` -> value of every finished stage's loss entries, stages in finishing order."""
-    stages = [d for d in run.iterdir() if d.is_dir() and d.name != EVAL_FOLDER
-              and (d / DONE).is_file() and (d / "metrics.json").is_file()]
+    stages = [d for d in run.iterdir() if d.is_dir() and d.name != layout.EVAL
+              and (d / layout.DONE).is_file() and (d / layout.METRICS).is_file()]
     out = {}
-    for stage in sorted(stages, key=lambda d: (d / DONE).stat().st_mtime):
-        for name, value in _read_metrics(stage / "metrics.json").items():
+    for stage in sorted(stages, key=lambda d: (d / layout.DONE).stat().st_mtime):
+        for name, value in _read_metrics(stage / layout.METRICS).items():
             if "loss" in name:
                 out[f"{stage.name} {name}"] = value
     return out
@@ -69,7 +68,7 @@ def run_summary(run: str | Path) -> dict:
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: run folder not found")
-    metrics = run / EVAL_FOLDER / "metrics.json"
+    metrics = run / layout.EVAL / layout.METRICS
     return {"name": run.name, "axes": run_axes(run.name),
             "eval": _read_metrics(metrics) if metrics.is_file() else None, "losses": final_losses(run)}
 
@@ -103,5 +102,5 @@ def comparison_table(runs: list[str | Path]) -> str:
     lines += [f"| {k} | " + " | ".join(format_cell(v) for v in values) + " |" for k, values in rows]
     absent = [n for n, s in zip(names, summaries) if s["eval"] is None]
     if absent:
-        lines += ["", f"No evaluation (`{EVAL_FOLDER}/metrics.json`) in: {', '.join(absent)}."]
+        lines += ["", f"No evaluation (`{layout.EVAL}/metrics.json`) in: {', '.join(absent)}."]
     return "\n".join(lines) + "\n"

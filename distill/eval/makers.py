@@ -91,12 +91,13 @@ class StudentVideoMaker:
 
 def load_student_maker(export: str | Path, device: str | torch.device, dtype: str) -> StudentVideoMaker:
     """The student of a serving export folder, in `dtype` (a recipe dtype name), ready to make videos."""
-    from student.export import load_student, read_export
+    from student.folder import read_folder
     from student.generator import load_components
+    from student.model import CausalStudent
 
-    info = read_export(export)
+    info = read_folder(export)
     codec, text, video = load_components(info.components, info.folder, device)
-    student = load_student(info.folder, torch_dtype=DTYPES[dtype]).to(device)
+    student = CausalStudent.from_pretrained(info.folder, torch_dtype=DTYPES[dtype]).to(device)
     return StudentVideoMaker(student, codec, text, video, {"export": str(info.folder)})
 
 
@@ -144,12 +145,12 @@ def load_teacher_maker(stage: str | Path, device: str | torch.device, dtype: str
     from distill.eval.multishot import guided_negative
     from distill.models import load_teacher
     from distill.rollout import ReencodedContext, latent_context_fn
-    from distill.stages.teacher import MODEL_DIR
+    from distill import layout
 
     stage = Path(stage)
-    cfg = load_recipe(stage / "config.yaml")
+    cfg = load_recipe(stage / layout.CONFIG)
     torch_dtype = DTYPES[dtype]
-    teacher = load_teacher(stage / MODEL_DIR).to(device, torch_dtype).eval()
+    teacher = load_teacher(layout.product(stage, "teacher")).to(device, torch_dtype).eval()
     codec = build_codec(cfg.codec, device)
     encoder = build_text_encoder(cfg.text_encoder, device)
     shape = (codec.channels, codec.latent_frames(cfg.data.shot_frames), cfg.data.height // codec.spatial_factor,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from distill.eval.prompts import Prompt
 from distill.eval.run import EvalRun
-from distill.runner import DONE
+from distill import layout
 
 STUDENT, TEACHER = "student", "teacher"
 STAGES_FOLDER = "stages"
@@ -37,34 +37,25 @@ EMPTY_STAGES = "eval.stages is empty: only the final student is evaluated"
 
 def stage_kind(run_dir: Path, name: str) -> tuple[str | None, str | None]:
     """(STUDENT or TEACHER, None) for a finished stage folder of the run, else (None, why it is skipped)."""
-    from distill.stages.export import STUDENT_FOLDER
-    from distill.stages.teacher import MODEL_DIR
-    from student.export import GENERATOR_FILE
-
     stage = run_dir / name
     if not stage.is_dir():
         return None, f"no stage folder {stage}"
-    if not (stage / DONE).is_file():
-        return None, f"{stage} has not finished (no {DONE} marker)"
-    if (stage / STUDENT_FOLDER / GENERATOR_FILE).is_file():
-        return STUDENT, None
-    if (stage / MODEL_DIR / "config.json").is_file():
-        return TEACHER, None
-    return None, f"{stage} holds neither a student ({STUDENT_FOLDER}/{GENERATOR_FILE}) nor a teacher ({MODEL_DIR}/)"
+    record = layout.done_record(stage)
+    if record is None:
+        return None, f"{stage} has not finished (no {layout.DONE} marker)"
+    if record.get("produces") in (STUDENT, TEACHER):
+        return record["produces"], None
+    return None, f"{stage} produces neither a student nor a teacher (it produces {record.get('produces')})"
 
 
 def export_stage(run_dir: Path, export: Path) -> str | None:
     """The run's newest finished student stage when `export` (a folder the run exported) was written
     after that stage finished, so it holds that stage's student; else None."""
-    from distill.stages.export import find_student_stage
-    from student.export import GENERATOR_FILE
-
-    try:
-        newest = find_student_stage(run_dir)
-    except FileNotFoundError:
+    newest = layout.newest_product(run_dir, STUDENT)
+    if newest is None:
         return None
-    made = export / GENERATOR_FILE
-    if not made.is_file() or made.stat().st_mtime < (newest / DONE).stat().st_mtime:
+    made = export / layout.GENERATOR_FILE
+    if not made.is_file() or made.stat().st_mtime < (newest / layout.DONE).stat().st_mtime:
         return None
     return newest.name
 
@@ -72,25 +63,24 @@ def export_stage(run_dir: Path, export: Path) -> str | None:
 def stage_export(run_dir: Path, name: str, work: Path) -> Path:
     """A serving export of stage `name`'s student: the run's export/ when it is that stage's, else made
     into `work`/exports/<name>/."""
-    from distill.stages.export import export_run
+    from distill.export import export_run
 
-    if export_stage(run_dir, run_dir / "export") == name:
-        return run_dir / "export"
+    if export_stage(run_dir, run_dir / layout.EXPORT) == name:
+        return run_dir / layout.EXPORT
     return export_run(run_dir / name, work / EXPORTS_FOLDER / name)
 
 
 def resolve_export(source: str | Path, work: str | Path) -> Path:
     """The export to evaluate: `source` itself when it is one, else the run folder's export/, else
     the run's newest finished student exported into `work`/export."""
-    from distill.stages.export import export_run
-    from student.export import GENERATOR_FILE
+    from distill.export import export_run
 
     source = Path(source)
-    for folder in (source, source / "export"):
-        if (folder / GENERATOR_FILE).is_file():
+    for folder in (source, source / layout.EXPORT):
+        if (folder / layout.GENERATOR_FILE).is_file():
             return folder
     Path(work).mkdir(parents=True, exist_ok=True)
-    return export_run(source, Path(work) / "export")
+    return export_run(source, Path(work) / layout.EXPORT)
 
 
 def final_export(run_dir: Path | None, run: EvalRun, export: str | Path | None = None

@@ -26,11 +26,28 @@ class StageContext:
     recipe: Path     # the recipe file this stage was loaded from
     needs: dict[str, Path] = field(default_factory=dict)  # folder name -> stage folder it read
 
+    def input(self, key: str, value: str, kind: str) -> Path:
+        """The product of `kind` of the needed stage folder `value`, named by the recipe key `key`
+        (e.g. dmd.teacher_from): it must be among `needs:` and have finished producing `kind`."""
+        from distill import layout
+
+        folder = self.needs.get(value)
+        if folder is None:
+            raise ValueError(f"{self.recipe}: {key}={value!r} is not among the stages in `needs:` "
+                             f"({', '.join(sorted(self.needs)) or 'none'})")
+        record = layout.done_record(folder)
+        if record is None or record.get("produces") != kind:
+            what = "has not finished" if record is None else f"produces {record.get('produces')!r}"
+            raise ValueError(f"{self.recipe}: {key}={value!r}: {folder} {what}, not a {kind}")
+        return layout.product(folder, kind)
+
 
 class Stage(Protocol):
-    """A stage class. `folder` (optional class attribute) names its folder in the run."""
+    """A stage class. `folder` names its folder in the run; `produces` (optional) the kind of product
+    it leaves there (a key of `distill.layout.PRODUCTS`), which the runner records in DONE."""
 
     folder: ClassVar[str]
+    produces: ClassVar[str | None]
 
     def __init__(self, cfg: DictConfig, ctx: StageContext) -> None: ...
 

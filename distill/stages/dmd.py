@@ -1,8 +1,8 @@
 """The two Self Forcing DMD stages (ShotStream §4.2, §9): `dmd_intra` (stage 1) and `dmd_inter` (stage 2).
 
-Three models: the generator (the causal student, started from `dmd.generator_from`'s student/
-export, trained through `SelfForcingGenerator` so its forward is the rollout), the critic / fake
-score (a bidirectional teacher started from `dmd.teacher_from`'s model/, trained) and the real score
+Three models: the generator (the causal student, started from the student folder of the stage
+`dmd.generator_from`, trained through `SelfForcingGenerator` so its forward is the rollout), the critic / fake
+score (a bidirectional teacher started from the teacher of the stage `dmd.teacher_from`, trained) and the real score
 (the same teacher, frozen: a plain module, or ZeRO-3 partitioned with `deepspeed.frozen_zero3`).
 Our step counts critic steps: the critic updates every step, the generator every
 `dmd.generator_every` steps (ShotStream 1:5). Per step one exit step is drawn on rank 0 and
@@ -17,7 +17,7 @@ broadcast; the rollout runs with gradient only on generator steps.
 
 The real score and critic see the generator's context, or with `dmd.score_context: ground_truth`
 the record's ground-truth history (dmd_inter). The final generator (its EMA when `dmd.ema_decay` >
-0) is exported to `<stage>/student/` with LoRA merged. Before and after training the student's
+0) is saved as a student folder in `<stage>/student/` with LoRA merged. Before and after training the student's
 multi-shot rollouts (and the teacher's, once) are scored for identity colour consistency.
 """
 
@@ -26,29 +26,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from distill import layout
 from distill.data.components import build_codec, negative_text, prepared_dir, prompt_stream, shot_stream
 from distill.data.datasets import PreparedData, PromptDataset
 from distill.dmd import critic_loss, draw_timesteps, generator_loss
 from distill.ema import EMA
+from distill.logging import log_final
+from distill.models import load_teacher, save_stage_student
 from distill.eval.media import MediaLog
 from distill.rollout import ReencodedContext, SelfForcingGenerator, draw_exit_step, latent_context_fn
 from distill.rollout import shots as rollout_shots
-from distill.trainer import TrainedModel, Trainer, place_frozen
+from distill.trainer import TrainedModel, Trainer, gathered, place_frozen
 from student.context import Context, kwargs_of
+from student.model import CausalStudent
 from teacher.encoders import pixels_to_uint8
-
-STUDENT_DIR = "student"
-
-
-def needed_folder(ctx, name: str, key: str) -> Path:
-    """The folder of stage `name` this stage reads (it must be listed in `needs:`)."""
-    folder = ctx.needs.get(name)
-    if folder is None:
-        raise ValueError(f"{ctx.recipe}: {key}={name!r} is not among the stages in `needs:` "
-                         f"({', '.join(sorted(ctx.needs)) or 'none'})")
-    return Path(folder)
 
 
 def add_lora(transformer: torch.nn.Module, lora: DictConfig) -> None:
@@ -72,26 +65,10 @@ def only_lora_trainable(module: torch.nn.Module) -> list[str]:
     return names
 
 
-def export_generator(engine, ema: EMA, folder: Path, cfg: DictConfig, env) -> None:
-    """Rank 0 exports the generator's student (EMA weights when the EMA ran; ZeRO-3 gathered)."""
-    from distill.distributed import barrier
-    from distill.stages.causal_init import gathered
-    from student.export import export_student
-
-    if ema.enabled:
-        ema.copy_to()
-    components = {"codec": OmegaConf.to_container(cfg.codec, resolve=True),
-                  "text_encoder": OmegaConf.to_container(cfg.text_encoder, resolve=True)}
-    with gathered(engine):
-        if env.is_main:
-            export_student(engine.module.student, folder, components)
-    barrier()
-
-
 class DMDStage:
     """Shared by both DMD stages; subclasses set `folder` and `inter`."""
 
-    folder = "dmd"
+    produces = "student"
     inter = False
 
     @staticmethod
@@ -116,14 +93,10 @@ class DMDStage:
     # ---- models ---------------------------------------------------------------------------
     def build(self) -> tuple[SelfForcingGenerator, torch.nn.Module, torch.nn.Module]:
         """(generator, critic, real score) from the needed folders; LoRA applied when configured."""
-        from distill.models import load_teacher
-        from distill.stages.teacher import MODEL_DIR
-        from student.export import load_student
-
         cfg = self.cfg
-        teacher_path = needed_folder(self.ctx, cfg.dmd.teacher_from, "dmd.teacher_from") / MODEL_DIR
-        student = load_student(needed_folder(self.ctx, cfg.dmd.generator_from, "dmd.generator_from") / STUDENT_DIR,
-                               torch_dtype=torch.float32).train()
+        teacher_path = self.ctx.input("dmd.teacher_from", cfg.dmd.teacher_from, "teacher")
+        student = CausalStudent.from_pretrained(self.ctx.input("dmd.generator_from", cfg.dmd.generator_from, "student"),
+                                                torch_dtype=torch.float32).train()
         critic = load_teacher(teacher_path).train()
         student.requires_grad_(True)
         critic.requires_grad_(True)
@@ -175,18 +148,20 @@ class DMDStage:
         finally:
             self.media.close()
         engine = self.trainer.engines["generator"]
-        export_generator(engine, self.ema, Path(self.ctx.stage_dir) / STUDENT_DIR, cfg, env)
-        from distill.stages.causal_init import gathered
+        if self.ema.enabled:
+            self.ema.copy_to()  # the EMA weights are what the stage leaves
+        save_stage_student(engine, engine.module.student, layout.product(self.ctx.stage_dir, self.produces), cfg, env)
         with gathered(engine):
             scores.update(self.evaluate(engine.module.student, "after"))
         if scores:
-            from distill.stages.teacher import log_final
             log_final(self.ctx, cfg, scores)
         return {**metrics, **scores}
 
     def evaluate(self, student, when: str, teacher: bool = False) -> dict[str, float]:
         """Multi-shot colour consistency of the student (and once of the teacher)."""
-        from distill.eval.multishot import multishot_colour, student_rollout, teacher_rollout
+        from distill.eval.multishot import student_rollout, teacher_rollout
+        from distill.eval.probes import multishot_colour
+        from distill.eval.run import EvalRun
 
         cfg, env = self.cfg, self.env
         shots = cfg.dmd.shots  # both stages score the same multi-shot prompts, so they compare
@@ -196,16 +171,16 @@ class DMDStage:
             return {}
         if cfg.dmd.eval_videos == 0 or not prompts.records[0].get("facts"):
             return {}
-        count, seed = cfg.dmd.eval_videos, cfg.run.seed
+        count, run = cfg.dmd.eval_videos, EvalRun.of(env, cfg.run.seed)
         rollout = student_rollout(student, self.chunks, self.height, self.width, self.context_fn)
         out = {f"student_{k}_{when}": v for k, v in
-               multishot_colour(rollout, prompts, count, self.codec, seed, env, self.dtype).items()}
+               multishot_colour(rollout, prompts, count, self.codec, run, self.dtype).items()}
         if teacher:
             shape = (student.latent_channels, self.chunks * student.settings.chunk_frames, self.height, self.width)
             negative = None if cfg.sampler.guidance_scale == 1.0 else self.negative[None]
             rollout = teacher_rollout(self.real, shape, cfg.sampler, negative, self.context_fn)
             out.update({f"teacher_{k}": v for k, v in
-                        multishot_colour(rollout, prompts, count, self.codec, seed, env, self.dtype).items()})
+                        multishot_colour(rollout, prompts, count, self.codec, run, self.dtype).items()})
         return out
 
     # ---- one step ---------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from distill import layout
+
 
 def check_eval(ev: DictConfig, source: str = "recipe") -> None:
     """The eval section's values, before any compute."""
@@ -37,7 +39,7 @@ def check_eval(ev: DictConfig, source: str = "recipe") -> None:
 class EvalStage:
     """Evaluate the run's final student and its listed stages (see module doc)."""
 
-    folder = "eval"
+    folder = layout.EVAL
 
     @staticmethod
     def check(cfg: DictConfig) -> None:

@@ -22,7 +22,7 @@ the pairs written do not depend on the number of ranks. Per slot n of a shard:
 The sidecar `shard-NNNNN.json` (the settings fingerprint and each pair's record id, target shot and
 dataset item) is written after the tensors and commits the shard: a rerun skips committed shards and
 refuses shards made with other settings. Rank 0 merges the sidecars into `index.json` at the end.
-`OdePairDataset` reads the folder back as training samples for the causal init.
+`distill.data.pairs.OdePairDataset` reads the folder back as training samples for the causal init.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from omegaconf import DictConfig
 
 from distill.data.components import negative_text, prepared_dir
 from distill.data.datasets import ShotDataset
-from distill.data.shards import INDEX, ShardReader, read_json, shard_name, write_json, write_shard
+from distill import layout
+from distill.data.shards import INDEX, read_json, shard_name, write_json, write_shard
+from distill.models import check_student_keys, student_timesteps
 from student.context import Context, kwargs_of
-from student.model import StudentSettings
-from student.sampling import denoising_timesteps
 from teacher.sampler import draw_noise, sample
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -56,26 +56,9 @@ def pair_noise(seed: int, i: int, shape, dtype: torch.dtype, device) -> torch.Te
     return draw_noise((1, *shape), torch.Generator().manual_seed(pair_seed(seed, i)), dtype, device)
 
 
-def student_timesteps(cfg: DictConfig) -> list[float]:
-    """The student's denoising timesteps after the shift: the trajectory points every pair keeps."""
-    return denoising_timesteps(list(cfg.student.denoising_steps), cfg.student.shift)
-
-
-def teacher_dir(ctx) -> Path:
-    """The trained teacher of the run, from the `teacher` stage this stage needs."""
-    from distill.stages.teacher import MODEL_DIR
-
-    folder = ctx.needs.get("teacher")
-    if folder is None:
-        raise ValueError(f"{ctx.recipe}: this stage reads the teacher: add the teacher recipe to `needs:`")
-    return Path(folder) / MODEL_DIR
-
-
 def teacher_fingerprint(model_dir: Path) -> str:
-    """Identifies the trained teacher: a hash of its DONE marker (unique per teacher run) and config."""
-    from distill.runner import DONE
-
-    parts = [model_dir.parent / DONE, model_dir / "config.json"]
+    """Identifies the trained teacher: a hash of its stage's DONE record (unique per teacher run) and config."""
+    parts = [model_dir.parent / layout.DONE, model_dir / "config.json"]
     missing = [str(p) for p in parts if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{missing[0]}: the teacher stage has not finished")
@@ -110,6 +93,7 @@ class OdePairsStage:
     """Recipe `stage: ode_pairs`; metrics: pairs, shards, shards_sampled (this run)."""
 
     folder = "ode-pairs"
+    produces = "ode_pairs"
 
     @staticmethod
     def check(cfg: DictConfig) -> None:
@@ -117,14 +101,12 @@ class OdePairsStage:
         o = cfg.ode
         if o.pairs < 1 or o.pairs_per_shard < 1 or o.steps < 1:
             raise ValueError("ode.pairs, ode.pairs_per_shard and ode.steps must be >= 1")
-        if o.shift <= 0 or cfg.student.shift <= 0:
-            raise ValueError("ode.shift and student.shift must be > 0")
+        if o.shift <= 0:
+            raise ValueError("ode.shift must be > 0")
         if cfg.deepspeed.frozen_zero3:
             raise ValueError("deepspeed.frozen_zero3: ode_pairs runs the teacher as a plain module "
                              "(ranks sample different shards, so they cannot share ZeRO-3 collectives)")
-        s = cfg.student
-        StudentSettings(chunk_frames=s.chunk_frames, local_chunks=s.local_chunks,
-                        denoising_steps=list(s.denoising_steps), shift=s.shift).check()
+        check_student_keys(cfg)
 
     def __init__(self, cfg: DictConfig, ctx) -> None:
         self.cfg, self.ctx = cfg, ctx
@@ -156,7 +138,7 @@ class OdePairsStage:
         from distill.trainer import place_frozen
 
         cfg, env = self.cfg, self.ctx.env
-        model_dir = teacher_dir(self.ctx)
+        model_dir = self.ctx.input("ode.teacher_from", cfg.ode.teacher_from, "teacher")
         dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget)
         fingerprint = self.fingerprint(model_dir, dataset)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -220,42 +202,3 @@ class OdePairsStage:
 
         log_once(self.ctx.tb_dir, self.out.name, 0, metrics, main=self.ctx.env.is_main,
                  enabled=self.cfg.logging.tensorboard)
-
-
-class OdePairDataset:
-    """An ODE-pair folder as samples: item n is pair n of index.json (a `DataStream` dataset).
-
-    Items hold float32 tensors: noise, trajectory [K, C, F, h, w], x0, text, the `Context` (its texts
-    rebuilt from the per-shot texts); plus the pair's record and target shot.
-    """
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        index = read_json(self.folder / INDEX)
-        if index is None:
-            raise FileNotFoundError(f"{self.folder / INDEX}: no ODE pairs (run the ode_pairs stage)")
-        self.timesteps: list[float] = index["timesteps"]
-        self.pairs: list[dict] = index["pairs"]
-        self.reader = ShardReader(self.folder)
-        if not self.pairs:
-            raise ValueError(f"{self.folder / INDEX}: no pairs")
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def group(self, n: int) -> int:
-        """Pairs with the same context length stack into a batch."""
-        return self.pairs[n]["context_frames"]
-
-    def tensor(self, pair: dict, key: str) -> torch.Tensor:
-        return self.reader.get(pair["shard"], f"{pair['slot']}/{key}")
-
-    def __getitem__(self, n: int) -> dict:
-        pair = self.pairs[n]
-        shots = self.tensor(pair, "context_shot").long()
-        _, which = torch.unique(shots, return_inverse=True)
-        out = {key: self.tensor(pair, key).float() for key in ("noise", "trajectory", "x0", "text")}
-        out["context"] = Context(self.tensor(pair, "context").float(), self.tensor(pair, "shot_texts").float()[which],
-                                 shots)
-        return {**out, "record": pair["record"],
-                "target_shot": torch.tensor(pair["target_shot"]), "pair": torch.tensor(pair["pair"])}

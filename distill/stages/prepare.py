@@ -14,11 +14,11 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
+from distill import layout
 from distill.data.components import build_codec, build_text_encoder, prepared_dir, synth_settings
 from distill.data.prepare import PrepareSettings, finish, prepare_shards
 from distill.data.synth import synthesize
 
-TEXT_ENCODER = "text_encoder"
 
 
 def settings_of(cfg: DictConfig) -> PrepareSettings:
@@ -47,8 +47,6 @@ def prepare(cfg: DictConfig, manifest: str | Path | None, out: str | Path, rank:
         raise FileNotFoundError(f"{manifest}: manifest not found")
     codec = build_codec(cfg.codec, device)
     text = build_text_encoder(cfg.text_encoder, device)
-    if rank == 0 and cfg.text_encoder.kind == "tiny_t5" and not (out / TEXT_ENCODER).is_dir():
-        text.save_pretrained(out / TEXT_ENCODER)
     prepare_shards(manifest, out, settings, codec, text, rank, world, progress)
     barrier()
     report = finish(manifest, out, settings.records_per_shard) if rank == 0 else None
@@ -67,7 +65,8 @@ def check_report(report: dict, out: Path) -> None:
 class PrepareStage:
     """Recipe `stage: prepare`; metrics: prepared and skipped record counts."""
 
-    folder = "prepare"
+    folder = layout.PREPARE
+    produces = "prepared"
 
     def __init__(self, cfg: DictConfig, ctx) -> None:
         self.cfg, self.ctx = cfg, ctx

@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from distill import layout
 from distill.data.components import shot_stream
+from distill.logging import log_final
 from distill.models import build_teacher
 from distill.trainer import TrainedModel, Trainer
 from teacher.flow import NUM_TRAIN_TIMESTEPS, add_noise, shift_timestep, velocity_target
 from teacher.model import NextShotTeacher
 
-MODEL_DIR = "model"
 
 
 class StratifiedTimesteps:
@@ -68,6 +69,7 @@ class TeacherStage:
     """Recipe `stage: teacher`; metrics: final losses, the colour-consistency evaluation."""
 
     folder = "teacher"
+    produces = "teacher"
 
     @staticmethod
     def check(cfg: DictConfig) -> None:
@@ -86,7 +88,8 @@ class TeacherStage:
                                              cfg.logging.every)
 
     def run(self) -> dict[str, float]:
-        from distill.eval.probes import evaluate_teacher
+        from distill.eval.probes import next_shot_colour
+        from distill.eval.run import EvalRun
 
         cfg, env = self.cfg, self.ctx.env
         teacher = trainable_teacher(cfg)
@@ -94,8 +97,8 @@ class TeacherStage:
         self.trainer = Trainer(cfg, self.ctx, [TrainedModel("teacher", teacher)], data, self.step)
         metrics = self.trainer.fit()
         engine = self.trainer.engines["teacher"]
-        save_teacher(engine, Path(self.ctx.stage_dir) / MODEL_DIR, env)
-        scores = evaluate_teacher(engine, cfg, env)
+        save_teacher(engine, layout.product(self.ctx.stage_dir, self.produces), env)
+        scores = next_shot_colour(engine, cfg, EvalRun.of(env, cfg.run.seed))
         if scores:
             log_final(self.ctx, cfg, scores)
         return {**metrics, **scores}
@@ -129,21 +132,9 @@ def trainable_teacher(cfg: DictConfig) -> NextShotTeacher:
 def save_teacher(engine, folder: Path, env) -> None:
     """Rank 0 writes the trained teacher as a diffusers folder (ZeRO-3 shards gathered first)."""
     from distill.distributed import barrier
+    from distill.trainer import gathered
 
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            if env.is_main:
-                module.save_pretrained(folder)
-    elif env.is_main:
-        module.save_pretrained(folder)
+    with gathered(engine):
+        if env.is_main:
+            engine.module.save_pretrained(folder)
     barrier()
-
-
-def log_final(ctx, cfg: DictConfig, scores: dict[str, float]) -> None:
-    """End-of-stage scalars into the stage's TensorBoard folder, at the last training step."""
-    from distill.logging import log_once
-
-    log_once(ctx.tb_dir, Path(ctx.stage_dir).name, cfg.train.steps, scores, main=ctx.env.is_main,
-             enabled=cfg.logging.tensorboard)

@@ -1,0 +1,74 @@
+"""What, besides the weights, defines what a causal student computes: saved in every student folder.
+
+The defaults here are the only ones: the recipe schema (distill/config.py, section `student`) takes
+its defaults from this class, and the recipe builds the settings with `distill.models.student_settings`.
+Light on purpose (no torch): the schema imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from teacher.context import STRATEGIES
+
+INDICATORS = ("rope_offset", "learnable", "none")
+
+
+@dataclass
+class StudentSettings:
+    """Everything besides the weights that defines what the student computes (saved with exports)."""
+
+    chunk_frames: int = 3
+    local_chunks: int = 7
+    context_frames: int = 6  # the global cache's size: the context budget
+    context_strategy: str = "dynamic"
+    indicator: str = "rope_offset"
+    theta: float = 1.0 / 6.0
+    captions: str = "multi"
+    denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
+    shift: float = 5.0
+
+    def check(self) -> "StudentSettings":
+        """Raise ValueError naming the first bad setting."""
+        if self.indicator not in INDICATORS:
+            raise ValueError(f"student indicator must be one of {list(INDICATORS)}; got {self.indicator!r}")
+        if self.context_strategy not in STRATEGIES:
+            raise ValueError(f"student context_strategy must be one of {list(STRATEGIES)}; "
+                             f"got {self.context_strategy!r}")
+        if self.captions not in ("multi", "target_only"):
+            raise ValueError(f"student captions must be 'multi' or 'target_only'; got {self.captions!r}")
+        for name in ("chunk_frames", "local_chunks", "context_frames"):
+            low = 1 if name == "chunk_frames" else 0
+            if int(getattr(self, name)) < low:
+                raise ValueError(f"student {name} must be >= {low}; got {getattr(self, name)}")
+        steps = [float(t) for t in self.denoising_steps]
+        if not steps or any(not 0 < t <= 1000 for t in steps) or steps != sorted(steps, reverse=True):
+            raise ValueError(f"student denoising_steps must be descending timesteps in (0, 1000]; got {steps}")
+        self.denoising_steps = steps
+        return self
+
+    @property
+    def window_chunks(self) -> int:
+        """Chunks a target chunk attends to (itself included), the full-sequence equivalent of the cache."""
+        return self.local_chunks + 1
+
+    @property
+    def position_theta(self) -> float:
+        return self.theta if self.indicator == "rope_offset" else 0.0
+
+    def to_dict(self) -> dict:
+        """The settings as plain JSON values."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+def settings_from_dict(values: dict, source: str | Path) -> StudentSettings:
+    """StudentSettings from saved values; unknown or missing keys name the file."""
+    known = set(StudentSettings.__dataclass_fields__)
+    unknown, missing = sorted(set(values) - known), sorted(known - set(values))
+    if unknown:
+        raise ValueError(f"{source}: unknown student settings {unknown}; valid: {sorted(known)}")
+    if missing:
+        raise ValueError(f"{source}: missing student settings {missing}")
+    return StudentSettings(**values).check()
