@@ -24,6 +24,9 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from student.settings import StudentSettings
+from teacher.context import STRATEGIES
+
 
 class ConfigError(ValueError):
     """A recipe problem, reported as one line naming the file and/or the full key."""
@@ -46,6 +49,9 @@ def choice(default: Any, options: tuple, doc: str) -> Any:
 def section(cls: type, doc: str) -> Any:
     """Declare a nested section."""
     return field(default_factory=cls, metadata={"doc": doc})
+
+
+_STUDENT = StudentSettings()  # the student's own defaults (student/settings.py): the one place they live
 
 
 # --------------------------------------------------------------------------- core sections
@@ -113,9 +119,10 @@ class LoggingConfig:
 
 @dataclass
 class ContextConfig:
-    strategy: str = choice("dynamic", ("dynamic", "first", "first_last"),
+    strategy: str = choice(_STUDENT.context_strategy, STRATEGIES,
                            "which history frames condition a shot (teacher/context.py)")
-    budget: int = key(6, "dynamic strategy: context frames taken from the history shots")
+    budget: int = key(_STUDENT.context_frames, "dynamic strategy: context frames taken from the history "
+                      "shots (the student's global cache size)")
 
 
 @dataclass
@@ -218,14 +225,15 @@ class SamplerConfig:
 
 @dataclass
 class StudentConfig:
-    chunk_frames: int = key(3, "latent frames per chunk the student denoises together (ShotStream: 3)")
-    local_chunks: int = key(7, "chunks of the current shot in the local KV cache; training attends to "
-                            "local_chunks + 1 chunks, what the cache holds at inference")
+    chunk_frames: int = key(_STUDENT.chunk_frames, "latent frames per chunk the student denoises together "
+                            "(ShotStream: 3)")
+    local_chunks: int = key(_STUDENT.local_chunks, "chunks of the current shot in the local KV cache; training "
+                            "attends to local_chunks + 1 chunks, what the cache holds at inference")
     indicator: str = choice("auto", ("auto", "rope_offset", "learnable", "none"),
                             "shot-boundary indicator (student/model.py); auto follows teacher.positions")
-    denoising_steps: List[float] = key([1000.0, 750.0, 500.0, 250.0],
-                                       "the student's few-step timesteps, before the shift")
-    shift: float = key(5.0, "shift warping student.denoising_steps (1000, 750, 500, 250 -> 1000, "
+    denoising_steps: List[float] = key(_STUDENT.denoising_steps, "the student's few-step timesteps, before "
+                                       "the shift")
+    shift: float = key(_STUDENT.shift, "shift warping student.denoising_steps (1000, 750, 500, 250 -> 1000, "
                         "937.5, 833.3, 625 at 5)")
 
 

@@ -50,9 +50,10 @@ def schedule(steps: int, shift: float, keep: Sequence[float] = ()) -> torch.Tens
 
 @torch.no_grad()
 def sample(denoiser: Denoiser, text: torch.Tensor, noise: torch.Tensor, *,
-           negative_text: torch.Tensor | None = None, guidance_scale: float = 5.0, steps: int = 50,
-           shift: float = 5.0, keep_timesteps: Sequence[float] = ()) -> SampleResult:
-    """Integrate dx/dσ = v from σ = 1 (x = noise) to σ = 0 with Euler steps and CFG."""
+           guidance_scale: float, steps: int, shift: float, negative_text: torch.Tensor | None = None,
+           keep_timesteps: Sequence[float] = ()) -> SampleResult:
+    """Integrate dx/dσ = v from σ = 1 (x = noise) to σ = 0 with Euler steps and CFG. The settings
+    have no defaults here: they come from a recipe (`sampler.*`, `ode.*`), where the defaults live."""
     times = schedule(steps, shift, keep_timesteps)
     keep = torch.tensor([float(t) for t in keep_timesteps], dtype=torch.float64)
     guided = negative_text is not None and guidance_scale != 1.0

@@ -49,7 +49,7 @@ def test_sampler_is_exact_on_a_point_mass_and_keeps_requested_latents():
     def denoiser(x, t, text):
         return (x - target) / flow.sigma(t).view(-1, 1, 1, 1, 1)
 
-    result = sample(denoiser, torch.zeros(1, 1, 1), noise, steps=7, shift=3.0,
+    result = sample(denoiser, torch.zeros(1, 1, 1), noise, guidance_scale=1.0, steps=7, shift=3.0,
                     keep_timesteps=[1000.0, 900.0, 333.0])
     assert torch.allclose(result.x0, target, atol=1e-5)
     for i, t in enumerate([1000.0, 900.0, 333.0]):

@@ -8,8 +8,10 @@ import torch
 
 from distill.data.synth import SynthSettings, render_shot
 from distill.data.world import BACKGROUNDS, COLOURS, FRAMINGS, SHAPES, Character, ScenePlan, ShotPlan
-from distill.eval.metrics import (SceneSettings, cut_count_accuracy, detect_cuts, label_frames, palette,
-                             score_video, shot_cut_accuracy, sightings, track_motion)
+from distill.config import schema
+from distill.eval.metrics import (cut_count_accuracy, detect_cuts, label_frames, palette, score_video,
+                                  shot_cut_accuracy, sightings, track_motion)
+from distill.eval.scoring import scene_settings
 
 S = SynthSettings(videos=1, seed=0, height=64, width=64, fps=8, min_shots=1, max_shots=3, min_frames=12,
                   max_frames=12, max_cast=2, speed=1.0)
@@ -17,6 +19,7 @@ CAST = [Character(0, "circle", "red", "small"), Character(1, "triangle", "green"
 SHOTS = [ShotPlan(12, "wide", {0: "right", 1: "still"}), ShotPlan(12, "medium", {0: "down", 1: "left"}),
          ShotPlan(12, "close-up", {0: "up", 1: "still"})]
 LENGTHS = [12, 12, 12]
+SETTINGS = scene_settings(schema().eval)  # the recipe's defaults
 SEED = 1  # positions drawn with this seed keep the two characters apart in every frame
 
 
@@ -44,7 +47,7 @@ def video():
 
 def test_the_rendered_video_scores_perfectly(video):
     frames, facts = video
-    m = score_video(frames, LENGTHS, facts)
+    m = score_video(frames, LENGTHS, facts, SETTINGS)
     assert {k: v for k, v in m.items() if k != "intra_change"} == {
         "intra_identity": 1.0, "cut_accuracy": 1.0, "cut_count_accuracy": 1.0, "identity_match": 1.0,
         "inter_identity": 1.0, "motion_adherence": 1.0, "colour_consistency": 1.0}
@@ -55,7 +58,7 @@ def test_identity_swap_between_shots_scores_lower(video):
     plan = ScenePlan("blue", CAST, SHOTS)
     swapped = replace(plan, cast=[replace(CAST[0], shape="triangle"), replace(CAST[1], shape="circle")])
     frames, facts = render([plan, swapped, plan])
-    m = score_video(frames, LENGTHS, facts)
+    m = score_video(frames, LENGTHS, facts, SETTINGS)
     assert m["inter_identity"] == pytest.approx(0.5)      # shot 2 shows neither identity of the facts
     assert m["identity_match"] == pytest.approx(2 / 3)
     assert m["colour_consistency"] == 1.0 and m["intra_identity"] == 1.0  # colours and shots are self-consistent
@@ -64,19 +67,19 @@ def test_identity_swap_between_shots_scores_lower(video):
 
 def test_cut_at_the_wrong_frame_scores_lower(video):
     frames, _ = video
-    assert score_video(frames, LENGTHS, None)["cut_accuracy"] == 1.0
-    assert score_video(frames, [13, 11, 12], None)["cut_accuracy"] == 1.0   # within one frame
-    late = score_video(frames, [15, 9, 12], None)                          # the cut comes 3 frames early
+    assert score_video(frames, LENGTHS, None, SETTINGS)["cut_accuracy"] == 1.0
+    assert score_video(frames, [13, 11, 12], None, SETTINGS)["cut_accuracy"] == 1.0   # within one frame
+    late = score_video(frames, [15, 9, 12], None, SETTINGS)                          # the cut comes 3 frames early
     assert late["cut_accuracy"] == pytest.approx(1 / 3)  # 1 match, 2 true, 2 detected: 1 / (2 + 2 - 1)
     assert late["cut_count_accuracy"] == 1.0
-    merged = score_video(frames, [24, 12], None)                            # a cut inside a shot
+    merged = score_video(frames, [24, 12], None, SETTINGS)                            # a cut inside a shot
     assert merged["cut_accuracy"] == pytest.approx(0.5) and merged["cut_count_accuracy"] == 0.0
 
 
 def test_character_moving_against_its_caption_scores_lower(video):
     frames, facts = video
     backwards = torch.cat([frames[:12].flip(0), frames[12:]])  # shot 1 played backwards: right -> left
-    m = score_video(backwards, LENGTHS, facts)
+    m = score_video(backwards, LENGTHS, facts, SETTINGS)
     assert m["motion_adherence"] == pytest.approx(5 / 6)  # the still green triangle stays right
     assert m["identity_match"] == 1.0 and m["cut_accuracy"] == 1.0
 
@@ -107,7 +110,7 @@ def test_two_characters_of_one_colour_are_two_regions():
     frames, facts = render([plan], seed=3)
     assert sorted((s.colour, s.shape) for s in sightings(label_frames(frames[:1]))[0]) == \
         [("red", "square"), ("red", "triangle")]
-    assert score_video(frames, [12], facts)["identity_match"] == 1.0
+    assert score_video(frames, [12], facts, SETTINGS)["identity_match"] == 1.0
 
 
 def test_labels_are_the_nearest_palette_colour_or_none():
@@ -134,7 +137,7 @@ def test_cut_count_accuracy_definition():
 
 
 def test_cuts_are_peaks_above_the_steady_change():
-    s = SceneSettings()
+    s = SETTINGS
     steady = torch.full((20,), 0.02)
     assert detect_cuts(steady, s) == []
     spiky = steady.clone()
@@ -148,7 +151,7 @@ def test_a_video_without_characters_has_no_intra_identity(video):
     frames, facts = video
     empty = torch.empty_like(frames)
     empty[:] = torch.tensor(BACKGROUNDS["blue"], dtype=torch.uint8)
-    m = score_video(empty, LENGTHS, facts)
+    m = score_video(empty, LENGTHS, facts, SETTINGS)
     assert "intra_identity" not in m  # nothing seen is not "consistent"
     assert m["identity_match"] == 0.0 and m["motion_adherence"] == 0.0 and m["cut_count_accuracy"] == 0.0
     assert m["colour_consistency"] == pytest.approx(1 / 3)  # the background alone of {blue, red, green}
@@ -157,4 +160,4 @@ def test_a_video_without_characters_has_no_intra_identity(video):
 def test_bad_shot_lengths_are_an_error(video):
     frames, _ = video
     with pytest.raises(ValueError, match=r"shot lengths \[12, 12\] do not cover the video's 36 frames"):
-        score_video(frames, [12, 12], None)
+        score_video(frames, [12, 12], None, SETTINGS)

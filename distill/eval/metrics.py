@@ -56,13 +56,14 @@ SQUARE_ABOVE, CIRCLE_ABOVE = 0.93, 0.66
 
 @dataclass(frozen=True)
 class SceneSettings:
-    """Thresholds of the video metrics (recipe keys `eval.*`; see the module doc)."""
+    """Thresholds of the video metrics: the recipe keys `eval.*` (their defaults live in the schema;
+    build with `distill.eval.scoring.scene_settings`) and two fixed constants (see the module doc)."""
 
-    cut_ratio: float = 3.0
-    cut_min_change: float = 0.01
-    cut_window: int = 2
-    cut_tolerance: int = 1
-    motion_tolerance: float = 0.25
+    cut_ratio: float
+    cut_min_change: float
+    cut_window: int
+    cut_tolerance: int
+    motion_tolerance: float
     min_share: float = MIN_SHARE
     max_distance: float = MAX_DISTANCE
 
@@ -285,7 +286,7 @@ def shot_bounds(lengths: list[int]) -> list[tuple[int, int]]:
 
 
 def score_video(frames: torch.Tensor, shot_lengths: list[int], facts: dict | None,
-                s: SceneSettings = SceneSettings()) -> dict[str, float]:
+                s: SceneSettings) -> dict[str, float]:
     """The module doc's metrics of one video (uint8 [F, H, W, 3], shots of `shot_lengths` frames);
     those needing facts only with facts, inter_identity only for two shots or more, intra_identity
     only when some character is seen."""
