@@ -195,9 +195,8 @@ def stage_tags(toy_tags: set[str]) -> tuple[dict[str, set[str]], set[str]]:
     """{folder: tags (without the folder)} of every registered stage that logs scalars, derived from
     the code, and the trainer's stage-wide tags; the trainer's own names come from the toy run."""
     from distill.eval import metrics, scoring
-    from distill.eval.multishot import multishot_colour
-    from distill.eval.probes import evaluate_teacher
-    from distill.stages.causal_init import CausalInitStage, distance_scores
+    from distill.eval.probes import distance_scores, multishot_colour, next_shot_colour
+    from distill.stages.causal_init import CausalInitStage
     from distill.stages.dmd import DMDInterStage, DMDIntraStage, DMDStage
     from distill.stages.eval import EvalStage
     from distill.stages.ode_pairs import OdePairsStage
@@ -223,7 +222,7 @@ def stage_tags(toy_tags: set[str]) -> tuple[dict[str, set[str]], set[str]]:
         PrepareStage.folder: returned_keys(PrepareStage.run),
         OdePairsStage.folder: returned_keys(OdePairsStage.run),
         TeacherStage.folder: trainer_tags(TeacherStage, per_model, every,
-                                          buckets | returned_keys(evaluate_teacher)),
+                                          buckets | returned_keys(next_shot_colour)),
         CausalInitStage.folder: trainer_tags(CausalInitStage, per_model, every, expand(
             returned_keys(distance_scores), when=string_args(CausalInitStage.run, "distance_scores"))),
         DMDIntraStage.folder: dmd, DMDInterStage.folder: dmd,
