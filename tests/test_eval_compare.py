@@ -13,6 +13,7 @@ from distill.eval.compare import comparison_table, format_cell, run_axes, varian
 from distill.eval.features import FeatureExtractor, feature_consistency
 from distill.eval.stages import EMPTY_STAGES
 from distill.logging import read_scalars
+from distill.models import student_components
 from distill.runner import format_summary, run_recipe
 from distill.stages.prepare import prepare
 from launch.cli import main
@@ -41,6 +42,13 @@ def _recipe(path, stage, **extra):
     return path
 
 
+def _finished(stage, cfg: dict, produces: str):
+    """Mark a hand-made stage folder finished, as the runner does: its recipe, a DONE saying what it produces."""
+    (stage / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (stage / "DONE").write_text(json.dumps({"metrics": {}, "produces": produces}))
+    return stage
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A run folder holding prepared synthetic records and a finished causal-init student (no export)."""
@@ -52,9 +60,8 @@ def run(tmp_path_factory):
     stage = run / "causal-init"
     teacher = NextShotTeacher(make_tiny_wan(in_channels=12, out_channels=12, text_dim=24))
     save_student(CausalStudent.from_teacher(teacher, chunk_frames=3, local_chunks=2, context_frames=4),
-                   stage / "student")
-    (stage / "config.yaml").write_text(yaml.safe_dump({**RECIPE, "stage": "causal_init"}))
-    (stage / "DONE").write_text(json.dumps({"metrics": {}}))
+                 stage / "student", student_components(cfg))
+    _finished(stage, {**RECIPE, "stage": "causal_init"}, "student")
     (stage / "metrics.json").write_text(json.dumps({"student/loss": 0.25, "student/lr": 1e-4, "steps": 2.0}))
     return run
 
@@ -95,12 +102,6 @@ STAGES = ["teacher", "causal-init", "dmd-intra", "dmd-inter", "ode-pairs"]
 TEACHER_SAMPLER = {"steps": 2, "shift": 3.0, "guidance_scale": 1.0}
 
 
-def _finished(stage, cfg: dict):
-    (stage / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (stage / "DONE").write_text(json.dumps({"metrics": {}}))
-    return stage
-
-
 @pytest.fixture(scope="module")
 def staged(run):
     """Run "s": the fixture run's prepare and causal-init, a finished teacher, a finished dmd-intra
@@ -114,9 +115,9 @@ def staged(run):
     teacher = NextShotTeacher(make_tiny_wan(in_channels=12, out_channels=12, text_dim=24, seed=1))
     for r in (s, t):
         teacher.save_pretrained(r / "teacher" / "model")
-        _finished(r / "teacher", {**RECIPE, "stage": "teacher", "sampler": TEACHER_SAMPLER})
+        _finished(r / "teacher", {**RECIPE, "stage": "teacher", "sampler": TEACHER_SAMPLER}, "teacher")
     shutil.copytree(run / "causal-init", s / "dmd-intra")
-    _finished(s / "dmd-intra", {**RECIPE, "stage": "dmd_intra"})
+    _finished(s / "dmd-intra", {**RECIPE, "stage": "dmd_intra"}, "student")
     shutil.copytree(run / "causal-init" / "student", s / "dmd-inter" / "student")
     for name, stages in (("s", STAGES), ("t", ["teacher", "causal-init"])):
         data = {**RECIPE, "stage": "eval", "run": {"name": name, "out": str(root)},
