@@ -361,7 +361,7 @@ class Recipe:
 # --------------------------------------------------------------------------- loading
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -390,7 +390,7 @@ def read_recipe_chain(path: str | Path, _seen: tuple = ()) -> dict:
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from distill import layout
+from distill import keys, layout
 from distill.config import ConfigError, load_recipe, to_yaml
 
 
@@ -36,8 +36,8 @@ class Node:
 
 def plan(path: str | Path, overrides: list[str], top: DictConfig | None = None,
          _seen: tuple = ()) -> Node:
-    """Load and validate `path` and, recursively, everything it needs or pipelines."""
-    from distill.stages import folder_name, resolve
+    """Load and validate `path` and, recursively, everything it needs or pipelines (distill/keys.py:
+    every key set must be one its stage can honour)."""
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: recipe needs itself (via {' -> '.join(p.name for p in _seen)})")
@@ -46,26 +46,50 @@ def plan(path: str | Path, overrides: list[str], top: DictConfig | None = None,
     if cfg.overrides:  # the recipe's tree-wide overrides (ablations), before the command line's
         overrides = list(cfg.overrides) + list(overrides)
         cfg = load_recipe(path, overrides + inherited)
-    top = top if top is not None else cfg
     node = Node(path=path, cfg=cfg)
-    sub = lambda rel: plan(path.parent / rel, overrides, top, _seen + (path,))  # noqa: E731
+    sub = lambda rel: plan(path.parent / rel, overrides, top or cfg, _seen + (path,))  # noqa: E731
     node.needs = [sub(rel) for rel in cfg.needs]
     if cfg.stage == "pipeline":
         if not cfg.pipeline:
             raise ConfigError(f"{path}: stage 'pipeline' needs a non-empty 'pipeline' list")
         node.steps = [sub(rel) for rel in cfg.pipeline]
-        return node
-    if cfg.pipeline:
+    elif cfg.pipeline:
         raise ConfigError(f"{path}: 'pipeline' is only read when stage is 'pipeline'")
+    else:
+        _stage_node(node)
+    keys.check_own_keys(path, cfg, node.cls, node.folder)
+    if top is None:  # the whole tree is planned: the tree-wide overrides and the stages' inputs
+        keys.check_overrides(overrides, [(n.cls, n.folder, n.cfg) for n in _stages(node)])
+        run_dir = layout.run_dir(cfg.run.out, cfg.run.name)
+        for n in _stages(node):
+            keys.check_sources(n.path, n.cfg, n.cls, n.folder, {m.folder: m.cfg for m in n.needs if m.folder},
+                               run_dir)
+    return node
+
+
+def _stage_node(node: Node) -> None:
+    """Resolve a stage recipe's class and folder and run the stage's own checks."""
+    from distill.stages import folder_name, resolve
+
     try:
-        node.cls = resolve(cfg.stage)
+        node.cls = resolve(node.cfg.stage)
     except ValueError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    node.folder = folder_name(cfg.stage, node.cls)
+        raise ConfigError(f"{node.path}: {e}") from None
+    node.folder = folder_name(node.cfg.stage, node.cls)
     check = getattr(node.cls, "check", None)
     if check is not None:
-        check(cfg)  # a stage's own validation, still before any compute
-    return node
+        check(node.cfg)  # a stage's own validation, still before any compute
+
+
+def _stages(node: Node) -> list[Node]:
+    """Every stage node of a planned tree, each folder once."""
+    found: dict[str, Node] = {}
+    for child in node.needs + node.steps:
+        for n in _stages(child):
+            found.setdefault(n.folder, n)
+    if node.cls is not None:
+        found.setdefault(node.folder, node)
+    return list(found.values())
 
 
 class Runner:

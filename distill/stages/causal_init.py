@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from distill import layout
+from distill import keys, layout
 from distill.data.pairs import OdePairDataset
 from distill.data.stream import DataStream
 from distill.eval.probes import distance_scores
@@ -61,6 +61,8 @@ class CausalInitStage:
 
     folder = "causal-init"
     produces = "student"
+    reads = keys.TRAINING + ("optim.student", "causal_init", "student", "codec", "text_encoder", "data.prepared", "data.context", "data.height", "data.width", "data.fps", "data.shot_frames")
+    sources = {"causal_init.pairs_from": ("student.denoising_steps", "student.shift", "data.context")}
 
     @staticmethod
     def check(cfg: DictConfig) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from distill import layout
+from distill import keys, layout
 from distill.data.components import build_codec, negative_text, prepared_dir, prompt_stream, shot_stream
 from distill.data.datasets import PreparedData, PromptDataset
 from distill.dmd import critic_loss, draw_timesteps, generator_loss
@@ -69,6 +69,10 @@ class DMDStage:
     """Shared by both DMD stages; subclasses set `folder` and `inter`."""
 
     produces = "student"
+    reads = keys.TRAINING + ("optim.generator", "optim.critic", "dmd", "lora", "sampler", "codec", "text_encoder",
+                             "data.prepared", "data.context", "data.height", "data.width", "data.fps", "data.shot_frames")
+    # the generator starts from a finished student folder: what that was built with is what this stage runs with
+    sources = {"dmd.generator_from": ("student", "data.context")}
     inter = False
 
     @staticmethod

@@ -40,6 +40,7 @@ class EvalStage:
     """Evaluate the run's final student and its listed stages (see module doc)."""
 
     folder = layout.EVAL
+    reads = ("eval", "data.prepared")
 
     @staticmethod
     def check(cfg: DictConfig) -> None:

@@ -94,6 +94,8 @@ class OdePairsStage:
 
     folder = "ode-pairs"
     produces = "ode_pairs"
+    reads = ("deepspeed", "data.prepared", "data.context", "codec", "text_encoder", "sampler.negative_prompt", "ode",
+             "student")
 
     @staticmethod
     def check(cfg: DictConfig) -> None:

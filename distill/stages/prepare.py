@@ -67,6 +67,7 @@ class PrepareStage:
 
     folder = layout.PREPARE
     produces = "prepared"
+    reads = ("data", "codec", "text_encoder")
 
     def __init__(self, cfg: DictConfig, ctx) -> None:
         self.cfg, self.ctx = cfg, ctx

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from distill import layout
+from distill import keys, layout
 from distill.data.components import shot_stream
 from distill.logging import log_final
 from distill.models import build_teacher
@@ -70,6 +70,8 @@ class TeacherStage:
 
     folder = "teacher"
     produces = "teacher"
+    reads = keys.TRAINING + ("optim.teacher", "data.prepared", "data.context", "codec", "text_encoder", "model",
+                             "teacher", "sampler")
 
     @staticmethod
     def check(cfg: DictConfig) -> None:

@@ -1,0 +1,115 @@
+"""Stages own their keys: which recipe keys a stage reads, and the checks that a key can take effect.
+
+A stage class declares `reads`, the key prefixes it reads beyond `COMMON` (which every stage reads;
+a stage class without `reads`, e.g. a user's own, may read anything), and `sources`, {key naming an input stage: key prefixes that must agree with that input}. Before any
+compute the runner checks, failing with one line that names the key and the stage:
+
+1. every key a recipe file sets itself is read by its stage (keys it only inherits from its `base:`
+   and leaves untouched are fine); a pipeline recipe sets only `COMMON` keys, since its stages load
+   their own recipes and inherit nothing else from it;
+2. every tree-wide override (the command line's `key=value`, a recipe's `overrides:`) is read by
+   some stage of the tree;
+3. the keys a stage shares with an input stage agree with what that input was built with: its
+   recorded `config.yaml` when it has finished (it will not run again), else its planned recipe.
+   E.g. `student.local_chunks` on a DMD recipe whose generator was built with another value, or a
+   `data.context.budget` other than the one the student was initialised with, cannot take effect.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+from distill import layout
+from distill.config import ConfigError, read_yaml
+
+COMMON = ("stage", "needs", "pipeline", "resume", "overrides", "run", "logging")
+TRAINING = ("train", "deepspeed")
+RECIPE_ONLY = ("base",)  # recipe-file syntax, not a key of the schema
+
+
+def _covers(prefix: str, key: str) -> bool:
+    return prefix == "" or key == prefix or key.startswith(prefix + ".")
+
+
+def flat_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted leaf keys of a recipe mapping (lists are values)."""
+    if not isinstance(data, dict):
+        return [prefix[:-1]]
+    return [k for name, value in data.items() for k in flat_keys(value, f"{prefix}{name}.")]
+
+
+def stage_reads(cls: type | None, cfg: DictConfig | None = None) -> tuple[str, ...]:
+    """The key prefixes a stage class reads (COMMON for a pipeline), with the keys that those interpolate
+    in `cfg` (a Wan recipe's `codec.path: ${model.path}` makes the prepare stage read model.path)."""
+    if cls is not None and not hasattr(cls, "reads"):
+        return ("",)  # a stage that declares nothing (a user's own) may read any key
+    reads = COMMON + tuple(getattr(cls, "reads", ())) if cls is not None else COMMON
+    if cfg is None:
+        return reads
+    raw = _flat(OmegaConf.to_container(cfg, resolve=False))
+    used = {ref for key, value in raw.items() if any(_covers(p, key) for p in reads) and isinstance(value, str)
+            for ref in re.findall(r"\$\{([^}:]+)\}", value)}
+    return reads + tuple(sorted(used))
+
+
+def _own_keys(path: Path) -> list[str]:
+    """The keys a recipe file sets itself, without its base chain."""
+    data = read_yaml(Path(path))
+    return [k for k in flat_keys(data) if k not in RECIPE_ONLY]
+
+
+def check_own_keys(path: Path, cfg: DictConfig, cls: type | None, folder: str | None) -> None:
+    """Check 1 of the module doc."""
+    reads = stage_reads(cls, cfg)
+    for key in _own_keys(path):
+        if not any(_covers(prefix, key) for prefix in reads):
+            where = f"stage {folder}" if cls is not None else "a pipeline recipe (its stages load their own recipes)"
+            raise ConfigError(f"{path}: {key} cannot take effect: {where} does not read it "
+                              f"(it reads {', '.join(reads)})")
+
+
+def check_overrides(overrides: Iterable[str], stages: list[tuple[type, str, DictConfig]]) -> None:
+    """Check 2 of the module doc, over the tree's stages (class, folder, recipe)."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not any(any(_covers(p, key) for p in stage_reads(cls, cfg)) for cls, _, cfg in stages):
+            folders = ", ".join(folder for _, folder, _ in stages)
+            raise ConfigError(f"override {item!r}: {key} cannot take effect: no stage of this run reads it "
+                              f"(stages: {folders})")
+
+
+def _leaves(cfg: DictConfig, prefix: str) -> dict[str, Any]:
+    node = OmegaConf.select(cfg, prefix)
+    if isinstance(node, DictConfig):
+        return {f"{prefix}.{k}": v for k, v in _flat(OmegaConf.to_container(node, resolve=True)).items()}
+    return {prefix: OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node}
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_sources(path: Path, cfg: DictConfig, cls: type, folder: str, needs: dict[str, DictConfig],
+                  run_dir: Path) -> None:
+    """Check 3 of the module doc; `needs` maps each needed stage folder to its planned recipe."""
+    for key, prefixes in getattr(cls, "sources", {}).items():
+        name = OmegaConf.select(cfg, key)
+        if name not in needs:
+            raise ConfigError(f"{path}: {key}={name!r} is not among the stages in `needs:` "
+                              f"({', '.join(sorted(needs)) or 'none'})")
+        built = run_dir / name / layout.CONFIG
+        theirs = OmegaConf.load(built) if layout.done_record(run_dir / name) and built.is_file() else needs[name]
+        state = "was built with" if theirs is not needs[name] else "is planned with"
+        for prefix in prefixes:
+            mine, other = _leaves(cfg, prefix), _leaves(theirs, prefix)
+            for leaf in sorted(mine):
+                if mine[leaf] != other.get(leaf):
+                    raise ConfigError(f"{path}: {leaf}={mine[leaf]!r} cannot take effect in stage {folder}: "
+                                      f"its input {key}={name!r} {state} {other.get(leaf)!r}")
