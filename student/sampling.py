@@ -21,7 +21,7 @@ from student.cache import CacheShape, KVCache
 from student.context import Context, pick_context
 from student.model import CausalStudent
 from teacher.backbone import TextKV, sdpa_attention
-from teacher.flow import shift_timestep, sigma
+from teacher.flow import add_noise, shift_timestep, x0_from_velocity
 from teacher.sampler import draw_noise
 
 # (x_t [B, C, F, H, W], t [B]) -> velocity
@@ -34,25 +34,28 @@ def denoising_timesteps(steps: Sequence[float], shift: float) -> list[float]:
 
 
 def denoise_chunk(predict: Predictor, noise: torch.Tensor, timesteps: Sequence[float],
-                  generator: torch.Generator | None, exit_step: int | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None, exit_step: int | None = None,
+                  renoise: torch.Tensor | None = None) -> torch.Tensor:
     """x0 of one chunk (float32) from `noise` [B, C, F, H, W] (see module doc); `generator` draws the
-    re-noising ε (None: the global RNG). The state is kept in float32 whatever the model dtype."""
+    re-noising ε (None: the global RNG), or every re-noising uses `renoise` (a probe that makes the
+    sample a function of its noise). The state is kept in float32 whatever the model dtype."""
     last = len(timesteps) - 1 if exit_step is None else exit_step
     if not 0 <= last < len(timesteps):
         raise ValueError(f"exit_step {exit_step} is outside the {len(timesteps)} denoising steps")
     x = noise.float()
-    batch = noise.shape[0]
+    at = lambda t_now: torch.full((noise.shape[0],), t_now, device=noise.device, dtype=torch.float32)  # noqa: E731
     for i, t_now in enumerate(timesteps[:last + 1]):
         with torch.set_grad_enabled(torch.is_grad_enabled() and (exit_step is None or i == last)):
-            t = torch.full((batch,), t_now, device=noise.device, dtype=torch.float32)
-            v = predict(x.to(noise.dtype), t).float()
-            x0 = x - float(sigma(torch.tensor(t_now))) * v
+            v = predict(x.to(noise.dtype), at(t_now)).float()
+            x0 = x0_from_velocity(x, v, at(t_now))
         if i == last:
             return x0
-        s_next = float(sigma(torch.tensor(timesteps[i + 1])))
-        eps = draw_noise(x.shape, generator, device=noise.device) if generator is not None \
-            else torch.randn(x.shape, device=noise.device)
-        x = (1 - s_next) * x0 + s_next * eps
+        if renoise is not None:
+            eps = renoise.float()
+        else:
+            eps = draw_noise(x.shape, generator, device=noise.device) if generator is not None \
+                else torch.randn(x.shape, device=noise.device)
+        x = add_noise(x0, eps, at(timesteps[i + 1]))
     raise AssertionError("unreachable")
 
 
@@ -153,15 +156,16 @@ class ChunkStream:
         self.chunk += 1
 
     def next_chunk(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-                   exit_step: int | None = None) -> torch.Tensor:
-        """Generate the shot's next chunk [B, C, chunk, H, W] (float32): the denoising steps, then the
-        t = 0 pass that caches its clean K/V. Noise (initial and re-noising) comes from `generator`."""
+                   exit_step: int | None = None, renoise: torch.Tensor | None = None) -> torch.Tensor:
+        """Generate the shot's next chunk [B, C, chunk, H, W] (float32): the denoising steps (up to
+        `exit_step`), then the t = 0 pass that caches its clean K/V. Noise (initial and re-noising)
+        comes from `generator`, unless given (`noise`, `renoise`: see `denoise_chunk`)."""
         shape = (self.batch, self.student.latent_channels, self.student.settings.chunk_frames,
                  self.height, self.width)
         if noise is None:
             noise = draw_noise(shape, generator, device=self.device) if generator is not None \
                 else torch.randn(shape, device=self.device)
-        x0 = denoise_chunk(self.predict, noise.to(self.dtype), self.timesteps, generator, exit_step)
+        x0 = denoise_chunk(self.predict, noise.to(self.dtype), self.timesteps, generator, exit_step, renoise)
         self.commit(x0.detach())
         return x0
 

@@ -90,6 +90,12 @@ def test_pairs_kept_at_other_timesteps_are_refused(pairs_run, tmp_path):  # noqa
     run, _ = pairs_run
     out = tmp_path / "out"
     shutil.copytree(run.parent, out)
+    # refused while planning: the finished ode-pairs stage recorded the shift it sampled at
+    with pytest.raises(ValueError, match=r"student\.shift=3\.0 cannot take effect in stage causal-init: its input "
+                                         r"causal_init\.pairs_from='ode-pairs' was built with 5\.0$"):
+        run_recipe(CAUSAL, WORLD + PAIRS + ["ode.dtype=float32", f"run.out={out}", "student.shift=3.0"])
+    # and while running, against the pairs' own index, when the recorded recipe does not say
+    (out / "tiny" / "ode-pairs" / "config.yaml").unlink()
     with pytest.raises(ValueError, match=r"index\.json: pairs kept timesteps \[1000\.0, 937\.5.*student\.shift"):
         run_recipe(CAUSAL, WORLD + PAIRS + ["ode.dtype=float32", f"run.out={out}", "student.shift=3.0"])
 

@@ -22,6 +22,7 @@ from distill.layout import DONE
 from distill.runner import plan
 from distill.stages.dmd import DMDInterStage, add_lora, only_lora_trainable
 from student.export import save_student
+from student.model import CausalStudent
 from test_ode_pairs import WORLD, build_world, copy_world
 
 TINY = REPO / "recipes" / "tiny"

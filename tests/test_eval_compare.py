@@ -37,7 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _recipe(path, stage, **extra):
-    data = {**RECIPE, "stage": stage, "run": {"name": "r", "out": str(path.parent)}, **extra}
+    """A flat recipe of `stage`; an eval recipe sets only what the eval stage reads."""
+    shared = {k: v for k, v in RECIPE.items() if stage != "eval" or k == "logging"}
+    data = {**shared, "stage": stage, "run": {"name": "r", "out": str(path.parent)}, **extra}
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -120,7 +122,7 @@ def staged(run):
     _finished(s / "dmd-intra", {**RECIPE, "stage": "dmd_intra"}, "student")
     shutil.copytree(run / "causal-init" / "student", s / "dmd-inter" / "student")
     for name, stages in (("s", STAGES), ("t", ["teacher", "causal-init"])):
-        data = {**RECIPE, "stage": "eval", "run": {"name": name, "out": str(root)},
+        data = {"stage": "eval", "run": {"name": name, "out": str(root)}, "logging": RECIPE["logging"],
                 "eval": {"videos": 2, "stages": stages}}
         (root / f"eval-{name}.yaml").write_text(yaml.safe_dump(data))
         run_recipe(root / f"eval-{name}.yaml")

@@ -34,7 +34,6 @@ from distill.eval.run import EvalRun
 from student.context import Context
 from student.model import CausalStudent
 from teacher.encoders import Codec, pixels_to_uint8
-from teacher.flow import sigma
 from teacher.sampler import draw_noise, sample
 
 
@@ -127,18 +126,11 @@ def student_sample(student: CausalStudent, item: dict, device, steps: int | None
     stream = ChunkStream(student, 1, height, width, device=device, dtype=dtype)
     context = item["context"].nonempty and Context.stack([item["context"]]).to(device, dtype)
     stream.begin_shot(item["text"][None].to(device, dtype), context)
-    times = stream.timesteps[:steps]
-    levels = [float(sigma(torch.tensor(t))) for t in times]
+    exit_step = None if steps is None else steps - 1
     out = []
     for c in range(0, frames, chunk):
         noise = item["noise"][None, :, c:c + chunk].to(device)
-        x = noise
-        for k, t in enumerate(times):
-            x0 = x - levels[k] * stream.predict(x.to(dtype), torch.full((1,), t, device=device)).float()
-            if k + 1 < len(levels):
-                x = (1 - levels[k + 1]) * x0 + levels[k + 1] * noise
-        stream.commit(x0)
-        out.append(x0)
+        out.append(stream.next_chunk(noise=noise, exit_step=exit_step, renoise=noise))
     return torch.cat(out, dim=2)
 
 

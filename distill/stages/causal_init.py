@@ -37,7 +37,6 @@ from distill.logging import log_final
 from distill.models import build_student, check_student_keys, load_teacher, save_stage_student, student_timesteps
 from distill.trainer import TrainedModel, Trainer, gathered
 from student.context import kwargs_of
-from student.model import CausalStudent
 from teacher.flow import x0_from_velocity
 
 
