@@ -58,3 +58,37 @@ def student_inputs(frames: int, context_frames: int = 4, batch: int = 2, seed: i
     context_text = torch.cat([shot_a.expand(-1, 2, -1, -1), shot_b.expand(-1, context_frames - 2, -1, -1)], 1)
     t = torch.rand(batch, frames, generator=gen) * 1000
     return x.requires_grad_(grad), t, text, context, context_text
+
+
+def make_wan_root(root: str | Path, text_dim: int = 32, max_tokens: int = 32, ballast_mb: int = 64) -> Path:
+    """A tiny random Wan2.1 diffusers root in the standard layout: model_index.json, transformer/,
+    vae/ (AutoencoderKLWan), text_encoder/ (UMT5EncoderModel) and tokenizer/ (word-level, over the
+    synthetic world's vocabulary), plus `ballast_mb` of a file no component loads, so that a copy of
+    the whole root shows in any folder's size."""
+    import json
+
+    from diffusers import AutoencoderKLWan
+
+    from distill.data.world import grammar_texts
+    from teacher.encoders import build_tiny_t5, vocabulary_of
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                     latents_std=[1.0] * 4).save_pretrained(root / "vae")
+    build_tiny_t5(vocabulary_of(grammar_texts()), text_dim, 1, 2, max_tokens, seed=0).save_pretrained(root)
+    make_tiny_wan(root / "transformer", text_dim=text_dim, attention_head_dim=32)
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"], "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"]}))
+    with open(root / "ballast.bin", "wb") as f:
+        f.write(b"\0" * (ballast_mb << 20))
+    return root
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of every file below `folder`."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
