@@ -34,13 +34,14 @@ from student.model import CausalStudent
 from student.context import Context, pick_context
 from student.sampling import ChunkStream, latent_context
 from teacher.encoders import Codec
+from distill.seeds import derive_seed
 
 # (finished shots' latents [B, C, F, H, W], their texts [B, L, D]) -> the next shot's context
 ContextFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], Context | None]
 
 
 def draw_exit_step(seed: int, step: int, steps: int) -> int:
-    """The iteration's exit step in [0, steps): drawn on rank 0 from a generator seeded by (seed, step),
+    """The iteration's exit step in [0, steps): drawn on rank 0 from the stream ("exit-step", step),
     then broadcast, so every rank runs the same graph."""
     import torch.distributed as dist
 
@@ -48,7 +49,7 @@ def draw_exit_step(seed: int, step: int, steps: int) -> int:
 
     value = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(derive_seed(seed, "exit-step", step))
         value = int(torch.randint(steps, (1,), generator=gen))
     return int(broadcast_object(value))
 

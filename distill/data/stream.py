@@ -1,7 +1,7 @@
 """An endless, resumable stream of micro-batches: each rank a disjoint share, order fixed by the seed.
 
 Epoch e's batches are a pure function of (seed, e, rank, world size): the items are permuted with
-a generator seeded by (seed, e); walking that permutation, each item joins the open batch of its
+a generator seeded by the stream ("data-order", e) of the seed; walking that permutation, each item joins the open batch of its
 group (`dataset.group(i)`, e.g. its context length, so that tensors stack) and a batch is emitted
 when full; leftovers that never fill a batch wait for the next epoch's shuffle. Batch b of the epoch
 belongs to rank b mod world, and every rank stops at the same count, so ranks never share an item
@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from distill.seeds import derive_seed
 
 from student.context import Context
 
@@ -23,7 +24,7 @@ def epoch_batches(dataset, batch_size: int, seed: int, epoch: int, rank: int, wo
                   shuffle: bool = True) -> list[list[int]]:
     """This rank's batches (lists of item indices) of one epoch."""
     if shuffle:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(derive_seed(seed, "data-order", epoch))
         order = torch.randperm(len(dataset), generator=gen).tolist()
     else:
         order = list(range(len(dataset)))

@@ -31,6 +31,7 @@ from distill.data.datasets import PromptDataset, ShotDataset
 from distill.eval.metrics import colour_consistency
 from distill.eval.multishot import Rollout, guided_negative
 from distill.eval.run import EvalRun
+from distill.seeds import derive_seed
 from student.context import Context
 from student.model import CausalStudent
 from teacher.encoders import Codec, pixels_to_uint8
@@ -80,7 +81,7 @@ def next_shot_colour(model, cfg: DictConfig, run: EvalRun) -> dict[str, float]:
         k = items[n]
         item = dataset[k]
         record = dataset.data.records[dataset.items[k][0]]
-        gen = torch.Generator().manual_seed(run.seed * 1_000_003 + k)
+        gen = torch.Generator().manual_seed(derive_seed(run.seed, "next-shot-probe", k))
         noise = draw_noise((1, *item["latents"].shape), gen, dtype, device)
         for slot, with_context in ((0, True), (1, False)):
             latents = _shot(model, item, noise, negative, cfg, with_context, device, dtype)
@@ -102,7 +103,7 @@ def multishot_colour(rollout: Rollout, prompts: PromptDataset, count: int, codec
     for i, weight in run.share(min(count, len(prompts))):
         item = prompts[i]
         texts = [t[None].to(run.device, dtype) for t in item["texts"]]
-        shots = rollout(texts, torch.Generator().manual_seed(run.seed * 1_000_003 + i))
+        shots = rollout(texts, torch.Generator().manual_seed(derive_seed(run.seed, "multishot-probe", i)))
         for k, latents in enumerate(shots):
             frames = pixels_to_uint8(codec.decode(latents.float())[0].cpu())
             score = colour_consistency(frames, item["facts"], k)

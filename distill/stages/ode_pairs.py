@@ -2,7 +2,7 @@
 
 Pair i is a pure function of (run.seed, i): the next-shot sample is item i mod N of the prepared
 `ShotDataset` (its history context and the target shot's caption), the initial noise comes from a
-generator seeded by `pair_seed(seed, i)`. The teacher's Euler sampler (`ode.steps`, `ode.shift`,
+generator seeded by `derive_seed(seed, "ode-noise", i)`. The teacher's Euler sampler (`ode.steps`, `ode.shift`,
 ordinary CFG `ode.guidance_scale` against `sampler.negative_prompt`) runs with the student's
 denoising timesteps (`student.denoising_steps` warped by `student.shift`) inserted as nodes, so the
 kept latents lie exactly on the trajectory.
@@ -39,6 +39,7 @@ from distill.data.datasets import ShotDataset
 from distill import layout
 from distill.data.shards import INDEX, read_json, shard_name, write_json, write_shard
 from distill.models import check_student_keys, student_timesteps
+from distill.seeds import derive_seed
 from student.context import Context, kwargs_of
 from teacher.sampler import draw_noise, sample
 
@@ -46,14 +47,9 @@ STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32":
 FORMAT = 1
 
 
-def pair_seed(seed: int, i: int) -> int:
-    """Seed of pair i's noise generator (distinct for every (seed, i) with i < 2**32)."""
-    return (seed << 32) + i
-
-
 def pair_noise(seed: int, i: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Pair i's initial noise [1, *shape], drawn on the CPU so that it is the same on every device."""
-    return draw_noise((1, *shape), torch.Generator().manual_seed(pair_seed(seed, i)), dtype, device)
+    return draw_noise((1, *shape), torch.Generator().manual_seed(derive_seed(seed, "ode-noise", i)), dtype, device)
 
 
 def teacher_fingerprint(model_dir: Path) -> str:
