@@ -301,7 +301,7 @@ class LoraConfig:
 
 @dataclass
 class FeaturesConfig:
-    kind: str = choice("none", ("none", "clip", "dino"), "learned-feature consistency (distill/features.py): "
+    kind: str = choice("none", ("none", "clip", "dino"), "learned-feature consistency (distill/eval/features.py): "
                        "clip = CLIPVisionModel, dino = Dinov2Model, from eval.features.path")
     path: str = key("", "a local transformers folder: the model (config.json + weights) and its image processor")
     batch: int = key(32, "frames per forward pass of the feature model")
@@ -315,7 +315,7 @@ class EvalConfig:
     videos: int = key(4, "prompts evaluated: the first N (0: all)")
     stages: List[str] = key([], "stage folders of the run also evaluated, each on the same prompts and seeds "
                             "(students exported, the teacher sampled shot by shot); unfinished ones are "
-                            "skipped with the reason (distill/stage_eval.py)")
+                            "skipped with the reason (distill/eval/stages.py)")
     dtype: str = choice("float32", ("float32", "bfloat16", "float16"), "dtype the student generates in")
     cut_ratio: float = key(3.0, "a cut's label change must be this many times the median change beside it")
     cut_min_change: float = key(0.01, "fraction of pixels whose palette label must change at a cut")

@@ -1,8 +1,9 @@
 """Stages own their keys: which recipe keys a stage reads, and the checks that a key can take effect.
 
 A stage class declares `reads`, the key prefixes it reads beyond `COMMON` (which every stage reads;
-a stage class without `reads`, e.g. a user's own, may read anything), and `sources`, {key naming an input stage: key prefixes that must agree with that input}. Before any
-compute the runner checks, failing with one line that names the key and the stage:
+a stage class without `reads`, e.g. a user's own, may read anything), and `sources`, {key naming an
+input stage: key prefixes that must agree with that input}. Before any compute the runner checks,
+failing with one line that names the key and the stage:
 
 1. every key a recipe file sets itself is read by its stage (keys it only inherits from its `base:`
    and leaves untouched are fine); a pipeline recipe sets only `COMMON` keys, since its stages load
@@ -28,6 +29,8 @@ from distill.config import ConfigError, read_yaml
 
 COMMON = ("stage", "needs", "pipeline", "resume", "overrides", "run", "logging")
 TRAINING = ("train", "deepspeed")
+# what a stage leaving a student folder describes in it (distill/models.py `student_components`)
+STUDENT_FOLDER = ("codec", "text_encoder", "data.height", "data.width", "data.fps", "data.shot_frames")
 RECIPE_ONLY = ("base",)  # recipe-file syntax, not a key of the schema
 
 

@@ -35,8 +35,9 @@ OUR_MODULES = r"(launch|distill|student|teacher|kernels)(\.|$)"
 
 def quiet_console(rank: int) -> None:
     """Once at process start (CLI entry, process-group set-up): hide the known third-party
-    deprecations, show each of our own warnings once, and keep ranks other than 0 silent but for
-    errors (their failures still print; every progress bar is rank 0's)."""
+    deprecations and the libraries' per-model load/save bars, show each of our own warnings once, and
+    keep ranks other than 0 silent but for errors (their failures still print; every progress bar is
+    rank 0's)."""
     import logging
     import os
     import warnings
@@ -44,6 +45,8 @@ def quiet_console(rank: int) -> None:
     for category, message, module in THIRD_PARTY_DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     warnings.filterwarnings("once", module=OUR_MODULES)
+    # diffusers/transformers draw a bar for every model saved or loaded: the stage's bar is the one bar
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if rank != 0:
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)          # every logger, DeepSpeed's included: errors only

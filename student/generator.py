@@ -114,7 +114,8 @@ def load_components(components: dict[str, dict], source: str | os.PathLike, devi
                                          int(_value(text_desc, "text_encoder", "max_tokens", source)),
                                          device=device, dtype=DTYPES[text_desc.get("dtype", "float32")])
     settings = VideoSettings(*(int(_value(video, "video", k, source)) for k in ("height", "width")),
-                             float(_value(video, "video", "fps", source)), int(_value(video, "video", "frames", source)))
+                             float(_value(video, "video", "fps", source)),
+                             int(_value(video, "video", "frames", source)))
     return codec, text, settings
 
 

@@ -136,7 +136,9 @@ def test_kill9_resume_is_bit_identical_and_the_student_gets_closer(pairs_run, tm
     exported = CausalStudent.from_pretrained(ref / "tiny" / "causal-init" / "student")
     assert exported.settings.chunk_frames == 3 and exported.settings.local_chunks == 3
     components = json.loads((ref / "tiny" / "causal-init" / "student" / "generator.json").read_text())["components"]
-    assert components["codec"]["kind"] == "patch" and "path" not in components["text_encoder"]
+    # the tiny random text encoder exists nowhere else: saved inside the stage's student folder
+    assert components["codec"] == {"kind": "patch", "patch": 2} and components["text_encoder"]["path"] == "."
+    assert (ref / "tiny" / "causal-init" / "student" / "tokenizer").is_dir()
 
     cut = tmp_path / "cut"
     shutil.copytree(run.parent, cut)

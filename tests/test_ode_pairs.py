@@ -14,11 +14,11 @@ import torch
 from conftest import REPO, free_port, shotdistill
 from distill.data.components import negative_text, prepared_dir
 from distill.data.datasets import ShotDataset
-from distill.models import load_teacher
-from distill.runner import plan, run_recipe
 from distill.data.pairs import OdePairDataset
-from distill.models import student_timesteps
+from distill.models import load_teacher, student_timesteps
+from distill.runner import plan, run_recipe
 from distill.stages.ode_pairs import OdePairsStage, pair_noise, pair_tensors, sample_pair
+from student.context import Context
 
 TINY = REPO / "recipes" / "tiny"
 ODE = TINY / "ode-pairs.yaml"
@@ -132,10 +132,14 @@ def _pairs(run: Path) -> dict[int, dict]:
     return {int(data[n]["pair"]): data[n] for n in range(len(data))}
 
 
+def _equal(x, y) -> bool:
+    if isinstance(x, Context):
+        return all(torch.equal(u, v) for u, v in zip(vars(x).values(), vars(y).values()))
+    return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
 def _same(a: dict[int, dict], b: dict[int, dict]) -> bool:
-    return a.keys() == b.keys() and all(
-        torch.equal(x[k], b[i][k]) if isinstance(x[k], torch.Tensor) else x[k] == b[i][k]
-        for i, x in a.items() for k in x)
+    return a.keys() == b.keys() and all(_equal(x[k], b[i][k]) for i, x in a.items() for k in x)
 
 
 def _shard_files(folder: Path) -> dict[str, tuple[int, bytes]]:

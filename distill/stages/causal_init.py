@@ -60,7 +60,7 @@ class CausalInitStage:
 
     folder = "causal-init"
     produces = "student"
-    reads = keys.TRAINING + ("optim.student", "causal_init", "student", "codec", "text_encoder", "data.prepared", "data.context", "data.height", "data.width", "data.fps", "data.shot_frames")
+    reads = keys.TRAINING + keys.STUDENT_FOLDER + ("optim.student", "causal_init", "student", "data.context")
     sources = {"causal_init.pairs_from": ("student.denoising_steps", "student.shift", "data.context")}
 
     @staticmethod

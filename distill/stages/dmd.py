@@ -69,8 +69,8 @@ class DMDStage:
     """Shared by both DMD stages; subclasses set `folder` and `inter`."""
 
     produces = "student"
-    reads = keys.TRAINING + ("optim.generator", "optim.critic", "dmd", "lora", "sampler", "codec", "text_encoder",
-                             "data.prepared", "data.context", "data.height", "data.width", "data.fps", "data.shot_frames")
+    reads = keys.TRAINING + keys.STUDENT_FOLDER + ("optim.generator", "optim.critic", "dmd", "lora", "sampler",
+                                                   "data.prepared", "data.context")
     # the generator starts from a finished student folder: what that was built with is what this stage runs with
     sources = {"dmd.generator_from": ("student", "data.context")}
     inter = False
