@@ -31,7 +31,7 @@ stay inside the range training saw instead of growing with the stream.
 
 Reference images (FilmWeaver-style concept injection): each image is encoded as a one-frame clip
 and placed in the global cache before the history frames, as the frames of a virtual shot −1 (its
-temporal positions are t − θ for its t-th frame, then the history continues with shot 0). Each
+temporal RoPE bands turn by the phase −θ, then the history continues with shot 0). Each
 reference cross-attends to the global prompt ⊕ its own caption. References use global-cache slots,
 so the history budget becomes `context_frames − len(references)`.
 

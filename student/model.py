@@ -7,7 +7,8 @@ visible to every chunk; chunk i sees chunks i - window + 1 .. i, window = local_
 training sees exactly what the KV cache holds at inference, see student/cache.py).
 
 Shot boundary indicator (`indicator`, ShotStream Table 4):
-- rope_offset: frame t of shot k at temporal position t + k·θ (the teacher's "shot_rope");
+- rope_offset: every temporal RoPE band of frame t of shot k turns by the phase k·θ (the teacher's
+  "shot_rope", teacher/rope.py);
 - learnable: positions t, and a learned vector (zero-initialised, so the student starts as the
   teacher) added to the tokens of the target shot's first chunk when the shot follows a cut, i.e.
   when there is context — the first shot of a stream has no boundary to mark;
@@ -141,8 +142,10 @@ class CausalStudent(nn.Module):
 
     def run(self, latents: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor, text: TextKV,
             frame_text: torch.Tensor | None, attn: Attention, kv: KVProvider | None = None,
-            marked: tuple[int, int] | None = None, out_frames: int = 0) -> torch.Tensor | None:
-        """One pass over latents [B, C, F, H, W] (timesteps [B, F], positions [F] or [B, F]); the
+            marked: tuple[int, int] | None = None, out_frames: int = 0,
+            phases: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One pass over latents [B, C, F, H, W] (timesteps [B, F], positions and shot phases [F] or
+        [B, F]); the
         indicator is added to the latent frames [marked[0], marked[1]); returns the velocity of the
         last `out_frames` frames (None for 0: a pass that only fills the cache)."""
         backbone = self.backbone
@@ -152,7 +155,7 @@ class CausalStudent(nn.Module):
             a, b = (m // backbone.patch_size[0] * grid.per_frame for m in marked)
             tokens = torch.cat([tokens[:, :a], tokens[:, a:b] + self.shot_indicator.to(tokens.dtype),
                                 tokens[:, b:]], dim=1)
-        cond = backbone.conditioning(timesteps, positions, grid, tokens.dtype)
+        cond = backbone.conditioning(timesteps, positions, grid, tokens.dtype, phases)
         tokens = backbone.run_blocks(tokens, grid, cond, text, frame_text, attn, kv)
         if out_frames == 0:
             return None
@@ -186,8 +189,8 @@ class CausalStudent(nn.Module):
             timesteps = torch.cat([timesteps.new_zeros(batch, fc), timesteps], dim=1)
         shots = self.context_shot_index(batch, fc, context_text, context_shots, noisy.device)
         target = (shots.max(dim=1, keepdim=True).values + 1) if fc else shots.new_zeros(batch, 1)
-        positions = shot_positions(torch.cat([shots, target.expand(batch, frames)], dim=1),
-                                   self.settings.position_theta)
+        positions, phases = shot_positions(torch.cat([shots, target.expand(batch, frames)], dim=1),
+                                           self.settings.position_theta)
         text_kv, frame_text = self.text_conditioning(text, context_text, fc, frames)
         window = self.settings.window_chunks if window_chunks == "cache" else window_chunks
         frame_tokens = self.frame_tokens(noisy.shape[3], noisy.shape[4])
@@ -196,7 +199,8 @@ class CausalStudent(nn.Module):
                        chunk_len=self.settings.chunk_frames // pt * frame_tokens, window_chunks=window,
                        backend=self.attention_backend)
         marked = (fc, fc + self.settings.chunk_frames) if fc else None
-        return self.run(noisy, timesteps, positions, text_kv, frame_text, attn, marked=marked, out_frames=frames)
+        return self.run(noisy, timesteps, positions, text_kv, frame_text, attn, marked=marked, out_frames=frames,
+                        phases=phases)
 
     # ---- training helpers ---------------------------------------------------------------------
     def external_parameters(self) -> list[nn.Parameter]:

@@ -22,6 +22,7 @@ from student.context import Context, pick_context
 from student.model import CausalStudent
 from teacher.backbone import TextKV, sdpa_attention
 from teacher.flow import add_noise, shift_timestep, x0_from_velocity
+from teacher.rope import shot_positions
 from teacher.sampler import draw_noise
 
 # (x_t [B, C, F, H, W], t [B]) -> velocity
@@ -107,12 +108,11 @@ class ChunkStream:
             target_kv = text_kv
         writer = self.cache.context_pass(fc // student.backbone.patch_size[0])
         if fc:
-            positions = torch.arange(fc, dtype=torch.float64, device=self.device) + \
-                shots.double() * student.settings.position_theta
+            positions, phases = shot_positions(shots, student.settings.position_theta)
             timesteps = torch.zeros(self.batch, fc, device=self.device)
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
                 student.run(latents.to(self.dtype), timesteps, positions, text_kv, frame_text,
-                            sdpa_attention, writer)
+                            sdpa_attention, writer, phases=phases)
         self.cache.finish(writer)
         self.text = target_kv
         self.frame_start, self.chunk = fc, 0
@@ -133,13 +133,13 @@ class ChunkStream:
             raise RuntimeError("begin_shot must be called before generating chunks")
         student, frames = self.student, self.student.settings.chunk_frames
         start = self.frame_start + self.chunk * frames
-        positions = torch.arange(start, start + frames, dtype=torch.float64, device=self.device) + \
-            self.shot * student.settings.position_theta
+        positions = torch.arange(start, start + frames, dtype=torch.float64, device=self.device)
+        phases = (self.shot * student.settings.position_theta).expand(self.batch, frames)
         timesteps = t.to(self.device).unsqueeze(1).expand(self.batch, frames) if t.ndim == 1 else t
         marked = (0, frames) if self.chunk == 0 and self.frame_start else None
         writer = self.cache.chunk_pass(commit)
         out = student.run(x, timesteps, positions, self.text, None, sdpa_attention, writer, marked,
-                          out_frames=0 if commit else frames)
+                          out_frames=0 if commit else frames, phases=phases)
         self.cache.finish(writer)
         return out
 

@@ -139,13 +139,15 @@ class WanBackbone:
         return tokens.flatten(2).transpose(1, 2).contiguous()
 
     def conditioning(
-        self, timesteps: torch.Tensor, positions: torch.Tensor, grid: TokenGrid, dtype: torch.dtype
+        self, timesteps: torch.Tensor, positions: torch.Tensor, grid: TokenGrid, dtype: torch.dtype,
+        phases: torch.Tensor | None = None,
     ) -> FrameConditioning:
-        """Time modulation for timesteps [B] or [B, F] and RoPE tables for positions [F] or [B, F]."""
+        """Time modulation for timesteps [B] or [B, F] and RoPE tables for positions [F] or [B, F]
+        with shot phases (radians, [F] or [B, F]; see teacher/rope.py)."""
         if positions.shape[-1] != grid.frames:
             raise ValueError(f"positions {list(positions.shape)} do not match {grid.frames} latent frames")
         temb, modulation = self.time_embedding(timesteps, grid.frames, dtype)
-        rotary = wan_rotary(self.wan.rope, positions, grid.height, grid.width)
+        rotary = wan_rotary(self.wan.rope, positions, grid.height, grid.width, phases)
         device = modulation.device
         return FrameConditioning(modulation, temb, (rotary[0].to(device), rotary[1].to(device)))
 
@@ -322,13 +324,14 @@ class WanBackbone:
         attn: Attention = sdpa_attention,
         kv: KVProvider | None = None,
         out_frames: int | None = None,
+        phases: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Whole pass on latents [B, C, F, H, W]; returns the prediction for the last `out_frames`
         token frames (all when None). Frames here are token frames (latent frames / temporal patch,
-        the same for Wan2.1): timesteps [B] or [B, F]; positions [F] or [B, F]."""
+        the same for Wan2.1): timesteps [B] or [B, F]; positions and shot phases [F] or [B, F]."""
         grid = self.check_latents("latents", latents)
         tokens = self.embed(latents)
-        cond = self.conditioning(timesteps, positions, grid, tokens.dtype)
+        cond = self.conditioning(timesteps, positions, grid, tokens.dtype, phases)
         tokens = self.run_blocks(tokens, grid, cond, text, frame_text, attn, kv)
         keep = grid.frames if out_frames is None else out_frames
         tail = grid.tail(keep)

@@ -12,7 +12,8 @@ Context injection (ShotStream §4.1, Table 3):
 
 Captions: "multi" — each context frame cross-attends to its own shot's text (`context_text`),
 target frames to `text`; "target_only" — every frame uses `text`.
-Positions: "shot_rope" — frame t of shot k sits at temporal position t + k·θ; "sequential" — t.
+Positions: "shot_rope" — frame t of shot k turns every temporal RoPE band by the phase k·θ on top
+of its angle at t (teacher/rope.py); "sequential" — t alone.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class NextShotTeacher(nn.Module):
             return self._forward_channel_concat(noisy, timestep, text, context, context_shots)
         frames = noisy.shape[2]
         shots = self._frame_shots(noisy, context, context_text, context_shots)
-        positions = shot_positions(shots, self.theta if self.positions == "shot_rope" else 0.0)
+        positions, phases = shot_positions(shots, self.theta if self.positions == "shot_rope" else 0.0)
         if context is None:
             latents, timesteps = noisy, timestep
         else:
@@ -160,7 +161,7 @@ class NextShotTeacher(nn.Module):
             clean = timestep.new_zeros(noisy.shape[0], context.shape[2])
             timesteps = torch.cat([clean, timestep], dim=1)
         text_kv, frame_text = self._text(text, context, context_text, frames)
-        return self.backbone(latents, timesteps, positions, text_kv, frame_text, out_frames=frames)
+        return self.backbone(latents, timesteps, positions, text_kv, frame_text, out_frames=frames, phases=phases)
 
     def _check_inputs(self, noisy, timestep, text, context, context_text) -> None:
         """Shape checks whose messages name the offending tensors and what the model expects."""
@@ -233,6 +234,6 @@ class NextShotTeacher(nn.Module):
             target_shot = 1 if context_shots is None else int(context_shots.max()) + 1
         latents = torch.cat([noisy, aligned], dim=1)
         self.backbone.check_latents("noisy ⊕ context", latents)
-        offset = self.theta * target_shot if self.positions == "shot_rope" else 0.0
-        positions = torch.arange(frames, dtype=torch.float64, device=noisy.device) + offset
-        return self.backbone(latents, timestep, positions, self.backbone.text_kv(text))
+        shot = torch.full((frames,), target_shot, device=noisy.device)
+        positions, phases = shot_positions(shot, self.theta if self.positions == "shot_rope" else 0.0)
+        return self.backbone(latents, timestep, positions, self.backbone.text_kv(text), phases=phases)

@@ -29,17 +29,36 @@ def test_matches_diffusers_forward(wan, frames, height, width):
     assert (ref - per_frame).abs().max().item() <= 1e-5
 
 
-def test_integer_positions_reproduce_diffusers_rope_and_offsets_move_only_time(wan):
+def test_integer_positions_reproduce_diffusers_rope_and_phases_move_only_time(wan):
     cos_ref, sin_ref = wan.rope(torch.zeros(1, 4, 3, 6, 8))
     cos, sin = wan_rotary(wan.rope, torch.arange(3).double(), 3, 4)
     assert torch.equal(cos, cos_ref) and torch.equal(sin, sin_ref)
-    shifted, _ = wan_rotary(wan.rope, shot_positions(torch.tensor([0, 0, 1]), 1 / 6), 3, 4)
+    positions, phases = shot_positions(torch.zeros(3, dtype=torch.long), 1 / 6)
+    zero, zero_sin = wan_rotary(wan.rope, positions, 3, 4, phases)
+    assert torch.equal(zero, cos_ref) and torch.equal(zero_sin, sin_ref)  # shot 0: exactly diffusers
+    positions, phases = shot_positions(torch.tensor([0, 0, 1]), 1 / 6)
+    shifted, _ = wan_rotary(wan.rope, positions, 3, 4, phases)
     t_dim = wan.rope.t_dim
-    assert torch.equal(shifted[..., t_dim:], cos_ref[..., t_dim:])
+    assert torch.equal(shifted[..., t_dim:], cos_ref[..., t_dim:])  # height and width bands untouched
     per_token = shifted.view(3, 12, -1)
     assert torch.equal(per_token[:2], cos_ref.view(3, 12, -1)[:2])
-    expected, _ = wan_rotary(wan.rope, torch.tensor([2 + 1 / 6], dtype=torch.float64), 3, 4)
-    assert torch.equal(per_token[2], expected.view(12, -1))
+
+
+@pytest.mark.parametrize("t,k,theta", [(0, 0, 1 / 6), (5, 1, 1 / 6), (7, 3, 0.4), (40, 9, 1 / 6)])
+def test_shot_rope_is_a_phase_in_every_temporal_band(wan, t, k, theta):
+    """Angle of band j for frame t of shot k is ω_j·t + k·θ (ω_j = base^(-2j/t_dim)): shots k and k + 1
+    at equal t differ by exactly θ in every band, the slow ones included (a position shift would turn
+    band j by θ·ω_j only)."""
+    import math
+
+    t_dim = wan.rope.t_dim
+    cos, sin = wan_rotary(wan.rope, torch.tensor([t, t], dtype=torch.float64), 1, 1,
+                          phases=torch.tensor([k * theta, (k + 1) * theta], dtype=torch.float64))
+    angle = torch.atan2(sin[0, :, 0, :t_dim:2], cos[0, :, 0, :t_dim:2]).double()  # [2 frames, bands]
+    omega = torch.tensor([10000.0 ** (-2 * j / t_dim) for j in range(t_dim // 2)], dtype=torch.float64)
+    wrap = lambda a: torch.remainder(a + math.pi, 2 * math.pi) - math.pi  # noqa: E731
+    assert torch.allclose(wrap(angle[0] - (omega * t + k * theta)), torch.zeros_like(omega), atol=1e-5)
+    assert torch.allclose(wrap(angle[1] - angle[0]), torch.full_like(omega, theta), atol=1e-5)
 
 
 class AppendingCache:

@@ -44,9 +44,9 @@ def test_context_runs_clean_and_only_target_frames_come_out(folder, monkeypatch)
     seen = {}
     original = teacher.backbone.conditioning
 
-    def spy(timesteps, positions, grid, dtype):
-        seen.update(timesteps=timesteps, positions=positions)
-        return original(timesteps, positions, grid, dtype)
+    def spy(timesteps, positions, grid, dtype, phases=None):
+        seen.update(timesteps=timesteps, positions=positions, phases=phases)
+        return original(timesteps, positions, grid, dtype, phases)
 
     monkeypatch.setattr(teacher.backbone, "conditioning", spy)
     with torch.no_grad():
@@ -55,13 +55,12 @@ def test_context_runs_clean_and_only_target_frames_come_out(folder, monkeypatch)
     assert torch.equal(seen["timesteps"][:, :5], torch.zeros(2, 5))
     assert torch.equal(seen["timesteps"][:, 5:], t[:, None].expand(2, 3))
     theta = teacher.theta  # context shots [0, 0, 1, 1, 1] inferred from context_text; target = shot 2
-    expected = torch.tensor([0, 1, 2 + theta, 3 + theta, 4 + theta, 5 + 2 * theta, 6 + 2 * theta,
-                             7 + 2 * theta], dtype=torch.float64)
-    assert torch.allclose(seen["positions"], expected.expand(2, -1))
+    assert torch.equal(seen["positions"], torch.arange(8, dtype=torch.float64))
+    expected = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2], dtype=torch.float64) * theta  # a phase per shot
+    assert torch.allclose(seen["phases"], expected.expand(2, -1))
     with torch.no_grad():  # explicit shot indices win over the ones inferred from context_text
         teacher(noisy, t, text, context, context_text, context_shots=torch.tensor([0, 1, 2, 2, 2]))
-    assert torch.allclose(seen["positions"][0, 4:], torch.tensor([4 + 2 * theta, 5 + 3 * theta, 6 + 3 * theta,
-                                                                  7 + 3 * theta], dtype=torch.float64))
+    assert torch.allclose(seen["phases"][0, 4:], torch.tensor([2, 3, 3, 3], dtype=torch.float64) * theta)
     with pytest.raises(ValueError, match=r"context_shots \[3\] must be \[Fc\] or \[B, Fc\] for context "
                                          r"\[2, 4, 5, 4, 6\]"):
         teacher(noisy, t, text, context, context_text, context_shots=torch.tensor([0, 1, 2]))
