@@ -251,6 +251,8 @@ class OdeConfig:
 
 @dataclass
 class CausalInitConfig:
+    clean_level: bool = key(True, "a chunk may also draw t = 0: the clean latent as input, no loss (the official "
+                            "[1000, 740, 500, 260, 0] lists): the student meets clean history, what its cache holds")
     teacher_from: str = key("teacher", "stage folder (listed in `needs:`) whose trained teacher the student starts as")
     pairs_from: str = key("ode-pairs", "stage folder (listed in `needs:`) whose ODE pairs the student regresses")
     eval_pairs: int = key(8, "ODE pairs the student samples (cached steps, re-noised with the pair's own "

@@ -58,8 +58,59 @@ class Recorder(torch.nn.Module):
         return self.module(*args, **kwargs)
 
 
+def test_a_chunk_may_draw_the_clean_level():
+    batch, k, c, frames, chunk = 2, 4, 3, 12, 3
+    trajectory = torch.randn(batch, k, c, frames, 2, 2)
+    clean = torch.randn(batch, c, frames, 2, 2)
+    timesteps = torch.tensor([1000.0, 937.5, 833.3, 625.0])
+    torch.manual_seed(0)
+    draws = torch.stack([chunk_inputs(trajectory, timesteps, chunk, clean)[2] for _ in range(20)])
+    assert set(draws.flatten().tolist()) == set(range(k + 1))  # level K: t = 0
+    torch.manual_seed(0)
+    x_t, t, index = chunk_inputs(trajectory, timesteps, chunk, clean)
+    for b in range(batch):
+        for f in range(frames):
+            if index[b, f // chunk] == k:
+                assert t[b, f] == 0 and torch.equal(x_t[b, :, f], clean[b, :, f])
+
+
+def _stage_and_batch(clean_level: bool):
+    cfg = load_recipe(CAUSAL, ["model.layers=1", "model.patch_size=[1,2,2]", f"causal_init.clean_level={clean_level}"])
+    torch.manual_seed(0)
+    student = build_student(cfg, build_teacher(cfg))
+    stage = CausalInitStage(cfg, SimpleNamespace(env=SimpleNamespace(device=torch.device("cpu"))))
+    engine = Recorder(student)
+    stage.trainer = SimpleNamespace(engines={"student": engine})
+    stage.timesteps = torch.tensor([1000.0, 937.5, 833.3, 625.0])
+    g = torch.Generator().manual_seed(1)
+    batch = {"trajectory": torch.randn(2, 4, 12, 12, 8, 8, generator=g),
+             "x0": torch.randn(2, 12, 12, 8, 8, generator=g), "text": torch.randn(2, 64, 32, generator=g),
+             "context": Context(torch.randn(2, 12, 3, 8, 8, generator=g), torch.randn(2, 3, 64, 32, generator=g),
+                                torch.tensor([[0, 0, 1]] * 2))}
+    return stage, engine, student, batch
+
+
+def test_clean_chunks_take_the_clean_input_and_carry_no_loss():
+    stage, engine, student, batch = _stage_and_batch(clean_level=True)
+    def levels(seed):  # what the step's first draw (chunk_inputs) gives: 2 pairs x 4 chunks, 5 levels
+        torch.manual_seed(seed)
+        return torch.randint(5, (2, 4))
+
+    seed = next(s for s in range(100) if levels(s).eq(4).any() and not levels(s).eq(4).all())
+    torch.manual_seed(seed)
+    out = stage.step(batch, frozenset({"student"}), step=0)
+    noisy_in, timestep, _ = engine.args
+    clean_frames = timestep == 0
+    assert clean_frames.any() and not clean_frames.all()
+    assert torch.equal(noisy_in.permute(0, 2, 1, 3, 4)[clean_frames], batch["x0"].permute(0, 2, 1, 3, 4)[clean_frames])
+    with torch.no_grad():
+        v = student(noisy_in, timestep, batch["text"], **engine.kwargs)
+    error = (noisy_in - sigma(timestep)[:, None, :, None, None] * v - batch["x0"]).pow(2).permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(out["student"].detach(), error[~clean_frames].mean())
+
+
 def test_loss_is_the_x0_mse_with_a_clean_context_prefix():
-    cfg = load_recipe(CAUSAL, ["model.layers=1", "model.patch_size=[1,2,2]"])
+    cfg = load_recipe(CAUSAL, ["model.layers=1", "model.patch_size=[1,2,2]", "causal_init.clean_level=false"])
     torch.manual_seed(0)
     student = build_student(cfg, build_teacher(cfg))
     assert isinstance(student, CausalStudent) and all(p.requires_grad for p in student.parameters())

@@ -4,9 +4,12 @@ The student starts as the teacher (`CausalStudent.from_teacher`: same weights, c
 attention) with every parameter trainable. For each pair of a micro-batch every chunk of
 `student.chunk_frames` target frames draws its own index k into the K stored timesteps (different
 noise levels per chunk); the input is, per chunk, the stored trajectory latent at k, and each frame's
-timestep the k-th student timestep. One full-sequence chunk-causal forward with the history as a clean
-prefix at t = 0 predicts v; the loss is the MSE between x0 = x_t − σ·v and the pair's clean end point
-over every target frame (all of them are noisy: the student's timesteps are > 0).
+timestep the k-th student timestep. With `causal_init.clean_level` (ShotStream, Self Forcing and
+CausVid regress over [1000, 740, 500, 260, 0]-style lists) a chunk may also draw t = 0: its input
+is the pair's clean end point and it carries no loss, so later chunks learn to attend to clean
+earlier chunks, which is what the KV cache holds at inference. One full-sequence chunk-causal
+forward with the history as a clean prefix at t = 0 predicts v; the loss is the MSE between
+x0 = x_t − σ·v and the pair's clean end point over the noisy target frames.
 
 Chunk indices come from the global torch RNG, which the trainer seeds per rank and checkpoints, so a
 resumed run draws what the uninterrupted run drew. Before and after training the student samples
@@ -40,15 +43,19 @@ from student.context import kwargs_of
 from teacher.flow import x0_from_velocity
 
 
-def chunk_inputs(trajectory: torch.Tensor, timesteps: torch.Tensor,
-                 chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per chunk a random trajectory index: (x_t [B, C, F, h, w], t [B, F], index [B, chunks]) from
-    trajectory [B, K, C, F, h, w] and the K timesteps."""
+def chunk_inputs(trajectory: torch.Tensor, timesteps: torch.Tensor, chunk: int,
+                 clean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per chunk a random level: (x_t [B, C, F, h, w], t [B, F], index [B, chunks]) from trajectory
+    [B, K, C, F, h, w] at the K timesteps; with the clean end point `clean` [B, C, F, h, w] a chunk
+    may also draw level K, t = 0, whose input is the clean latent."""
     batch, k, _, frames = trajectory.shape[:4]
     if frames % chunk:
         raise ValueError(f"ODE pairs have {frames} target frames, not a whole number of "
                          f"{chunk}-frame chunks (student.chunk_frames)")
-    index = torch.randint(k, (batch, frames // chunk))  # the global RNG: checkpointed
+    if clean is not None:
+        trajectory = torch.cat([trajectory, clean[:, None].to(trajectory.dtype)], dim=1)
+        timesteps = torch.cat([timesteps, timesteps.new_zeros(1)])
+    index = torch.randint(trajectory.shape[1], (batch, frames // chunk))  # the global RNG: checkpointed
     per_frame = index.repeat_interleave(chunk, dim=1)
     rows = torch.arange(batch)[:, None]
     x_t = trajectory[rows, per_frame, :, torch.arange(frames)[None]]  # [B, F, C, h, w]
@@ -106,13 +113,16 @@ class CausalInitStage:
         return {**metrics, **scores}
 
     def step(self, batch: dict, due: frozenset, step: int) -> dict[str, torch.Tensor]:
-        """x0-regression loss of one micro-batch (every chunk at its own trajectory index)."""
+        """x0-regression loss of one micro-batch (every chunk at its own level; clean chunks carry none)."""
         engine = self.trainer.engines["student"]
         device = self.ctx.env.device
         dtype = next(engine.module.parameters()).dtype
-        x_t, t, _ = chunk_inputs(batch["trajectory"], self.timesteps, self.cfg.student.chunk_frames)
+        clean = batch["x0"] if self.cfg.causal_init.clean_level else None
+        x_t, t, _ = chunk_inputs(batch["trajectory"], self.timesteps, self.cfg.student.chunk_frames, clean)
         x_t, t = x_t.to(device), t.to(device)
         context = kwargs_of(batch["context"].nonempty and batch["context"].to(device, dtype))
         v = engine(x_t.to(dtype), t, batch["text"].to(device, dtype), **context)
         x0 = x0_from_velocity(x_t, v.float(), t)
-        return {"student": (x0 - batch["x0"].to(device)).pow(2).mean()}
+        noisy = (t > 0).float()[:, None, :, None, None]  # [B, 1, F, 1, 1]: the frames that carry loss
+        error = (x0 - batch["x0"].to(device)).pow(2) * noisy
+        return {"student": error.sum() / (noisy.expand_as(error).sum().clamp(min=1))}
