@@ -1,7 +1,11 @@
 """Checkpoints: `<stage>/checkpoints/step-NNNNNN/` with every engine, every rank's state, `COMMITTED`.
 
 A folder counts only once its `COMMITTED` marker exists; the marker is written by rank 0 after
-every rank has finished writing, so a crash mid-write leaves a folder that resume never picks.
+every rank has finished writing and every file in the folder is fsynced, so a crash mid-write
+leaves a folder that resume never picks. The marker lists every file with its size; resume checks
+them and falls back, saying so, to the previous committed checkpoint when a file is missing or
+truncated. Pruning renames a folder out of the `step-*` namespace before deleting it, so a crash
+mid-delete never leaves a half-deleted folder that still counts.
 Per rank we keep what DeepSpeed does not: the RNG states (python, numpy, torch, CUDA), the data
 position and the trainer's own counters (the `client` dict).
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
 import shutil
@@ -25,6 +30,11 @@ from teacher.files import write_atomic
 MARKER = "COMMITTED"
 _STEP = re.compile(r"^step-(\d{6,})$")
 _ENGINE_TAG = "state"
+_DISCARDED = ".discard-"  # `.step-NNNNNN.discard-<pid>`: a folder being deleted, never a step
+
+
+class CheckpointError(RuntimeError):
+    """A committed checkpoint that cannot be used; the message names the folder or file."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -41,6 +51,57 @@ def _steps(root: Path) -> list[tuple[int, Path]]:
 def committed(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every committed checkpoint, oldest first."""
     return [(s, p) for s, p in _steps(root) if (p / MARKER).is_file()]
+
+
+def read_marker(folder: Path) -> dict:
+    """The COMMITTED marker's JSON ({} for an empty or unreadable marker)."""
+    try:
+        data = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def problem(folder: Path, world_size: int) -> str | None:
+    """Why the committed checkpoint `folder` cannot be loaded by `world_size` ranks, or None.
+
+    Checks every file the marker lists (present, same size) and that a state exists per rank."""
+    folder = Path(folder)
+    files = read_marker(folder).get("files")
+    if isinstance(files, dict):
+        for rel, size in sorted(files.items()):
+            path = folder / rel
+            if not path.is_file():
+                return f"{rel} is missing"
+            if path.stat().st_size != size:
+                return f"{rel} is truncated or changed ({path.stat().st_size} bytes, {size} written)"
+    for rank in range(world_size):
+        if not _rank_file(folder, rank).is_file():
+            return (f"no state for rank {rank} (saved with another world size? convert it with "
+                    "DeepSpeed's universal checkpoint)")
+    return None
+
+
+def candidates(resume: str, root: Path, world_size: int) -> tuple[list[Path], list[str]]:
+    """The checkpoint folders `resume` (auto | never | a folder) may restore, best first, and one
+    note per committed checkpoint passed over. An explicit folder is the only candidate and must be
+    intact (CheckpointError otherwise); `auto` falls back through older committed checkpoints."""
+    if resume == "never":
+        return [], []
+    if resume != "auto":
+        path = resolve_resume(resume, root)
+        why = problem(path, world_size)
+        if why:
+            raise CheckpointError(f"checkpoint {path} is unusable: {why}")
+        return [path], []
+    usable, notes = [], []
+    for _, path in reversed(committed(root)):
+        why = problem(path, world_size)
+        if why:
+            notes.append(f"checkpoint {path} is unusable: {why}; passing over it")
+        else:
+            usable.append(path)
+    return usable, notes
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -76,11 +137,51 @@ def _rank_file(folder: Path, rank: int) -> Path:
     return folder / f"rank-{rank:05d}.pt"
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (DeepSpeed's torch.save does not). Another
+    rank's temporary file may be renamed meanwhile: a path that vanished is its writer's to sync."""
+    paths = sorted(folder.rglob("*"), key=lambda p: (p.is_dir(), -len(p.parts)))
+    for path in [*paths, folder]:
+        try:
+            _fsync(path)
+        except FileNotFoundError:
+            pass
+
+
+def _inventory(folder: Path) -> dict[str, int]:
+    """{relative path: size} of every file in a checkpoint folder but the marker."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MARKER}
+
+
+def discard(path: Path) -> None:
+    """Delete a checkpoint folder: first renamed out of the step-* namespace (one atomic step), so
+    a crash mid-delete leaves a hidden leftover that the next prune removes, never a half-deleted
+    folder that still holds COMMITTED."""
+    path = Path(path)
+    if not path.exists():
+        return
+    gone = path.with_name(f".{path.name}{_DISCARDED}{os.getpid()}")
+    shutil.rmtree(gone, ignore_errors=True)
+    path.rename(gone)
+    _fsync(path.parent)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def save(folder: Path, engines: dict, client: dict[str, Any], env: DistEnv) -> None:
-    """Collective: write every engine's state and this rank's state, then commit (rank 0)."""
+    """Collective: write every engine's state and this rank's state, fsync them, then commit
+    (rank 0: a marker that lists every file and its size)."""
     folder = Path(folder)
     if env.is_main and folder.exists():
-        shutil.rmtree(folder)  # a leftover of a crash mid-write: never mix two attempts
+        discard(folder)  # a leftover of a crash mid-write: never mix two attempts
     barrier()
     folder.mkdir(parents=True, exist_ok=True)
     for name, engine in engines.items():
@@ -89,30 +190,62 @@ def save(folder: Path, engines: dict, client: dict[str, Any], env: DistEnv) -> N
     buf = io.BytesIO()
     torch.save({"rng": capture_rng(), "world_size": env.world_size, **client}, buf)
     write_atomic(_rank_file(folder, env.rank), buf.getvalue())
+    _sync_tree(folder)  # this rank's files are on disk before the marker can say they are
     barrier()
     if env.is_main:
-        write_atomic(folder / MARKER, json.dumps({"step": client.get("step")}) + "\n")
+        marker = {"step": client.get("step"), "files": _inventory(folder)}
+        write_atomic(folder / MARKER, json.dumps(marker) + "\n")
+        _fsync(folder)
     barrier()
+
+
+def load_state(folder: Path, env: DistEnv) -> dict[str, Any]:
+    """This rank's own state (RNG, counters, data position) from `folder`, without touching any
+    engine; CheckpointError naming the file when it is missing, unreadable or from another world."""
+    folder = Path(folder)
+    path = _rank_file(folder, env.rank)
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no state for rank {env.rank} (saved with another world "
+                              "size? convert it with DeepSpeed's universal checkpoint)")
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # a torn zip, a short read: one line that names the file
+        raise CheckpointError(f"{path}: cannot be read ({_first_line(e)})") from None
+    if not isinstance(state, dict) or "world_size" not in state:
+        raise CheckpointError(f"{path}: not a rank state written by this trainer")
+    if state["world_size"] != env.world_size:
+        raise CheckpointError(f"{folder}: saved with world size {state['world_size']}, "
+                              f"now {env.world_size}")
+    return state
+
+
+def load_engines(folder: Path, engines: dict) -> None:
+    """Collective: restore every engine from `folder`; CheckpointError naming what failed."""
+    folder = Path(folder)
+    for name, engine in engines.items():
+        try:
+            load_path, _ = engine.load_checkpoint(str(folder / name), tag=_ENGINE_TAG,
+                                                  load_lr_scheduler_states=False)
+        except CheckpointError:
+            raise
+        except Exception as e:  # DeepSpeed asserts, torch's zip reader, a missing file
+            raise CheckpointError(f"{folder / name}: DeepSpeed could not load engine '{name}' "
+                                  f"({type(e).__name__}: {_first_line(e)})") from None
+        if load_path is None:
+            raise CheckpointError(f"{folder / name}: DeepSpeed could not load engine '{name}'")
 
 
 def load(folder: Path, engines: dict, env: DistEnv) -> dict[str, Any]:
     """Collective: restore every engine and this rank's RNG; return this rank's client dict."""
-    folder = Path(folder)
-    path = _rank_file(folder, env.rank)
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no state for rank {env.rank} (saved with another "
-                                "world size? convert it with DeepSpeed's universal checkpoint)")
-    state = torch.load(path, weights_only=False)
-    if state["world_size"] != env.world_size:
-        raise ValueError(f"{folder}: saved with world size {state['world_size']}, "
-                         f"now {env.world_size}")
-    for name, engine in engines.items():
-        load_path, _ = engine.load_checkpoint(str(folder / name), tag=_ENGINE_TAG,
-                                              load_lr_scheduler_states=False)
-        if load_path is None:
-            raise FileNotFoundError(f"{folder / name}: DeepSpeed could not load engine '{name}'")
+    state = load_state(folder, env)
+    load_engines(folder, engines)
     restore_rng(state.pop("rng"))
     return state
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def prune(root: Path, keep: int, resumed_from: int | None = None) -> None:
@@ -121,11 +254,13 @@ def prune(root: Path, keep: int, resumed_from: int | None = None) -> None:
     done = committed(root)
     newest = done[-1][0] if done else -1
     for step, path in done[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        discard(path)
     for step, path in _steps(root):
         stale = resumed_from is not None and step > resumed_from
         if stale or (step < newest and not (path / MARKER).is_file()):
-            shutil.rmtree(path, ignore_errors=True)
+            discard(path)
+    for leftover in Path(root).glob(f".step-*{_DISCARDED}*"):  # a crash mid-delete
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def seed_all(seed: int) -> None:

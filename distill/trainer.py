@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -215,17 +216,57 @@ class Trainer:
         barrier()
         return folder
 
+    def _note(self, text: str) -> None:
+        if self.env.is_main:
+            print(f"shotdistill: {text}", file=sys.stderr, flush=True)
+
+    def _restore_state(self) -> tuple[Path | None, dict]:
+        """The checkpoint to resume and this rank's state in it: the newest committed checkpoint
+        whose files are all there (sizes as written) and whose rank states every rank can read;
+        each one passed over is named, with why. (None, {}) to start fresh."""
+        folders, notes = None, []
+        if self.env.is_main:
+            try:
+                found, notes = checkpoint.candidates(self.cfg.resume, self.ckpt_root,
+                                                     self.env.world_size)
+                folders = [str(f) for f in found]
+            except checkpoint.CheckpointError as e:
+                folders, notes = str(e), []
+            for note in notes:
+                self._note(note)
+            if folders == [] and not notes and self.ckpt_root.exists():
+                shutil.rmtree(self.ckpt_root)  # starting fresh: older checkpoints are stale
+        folders = broadcast_object(folders)
+        if isinstance(folders, str):
+            raise checkpoint.CheckpointError(folders)
+        errors = []
+        for folder in map(Path, folders):
+            try:
+                state, error = checkpoint.load_state(folder, self.env), ""
+            except checkpoint.CheckpointError as e:
+                state, error = None, str(e)
+            # every rank learns whether any rank failed, so all of them move on together
+            failed = all_sum(torch.tensor([float(state is None)], device=self.env.device))
+            if failed.item() == 0:
+                if errors or notes:
+                    self._note(f"resuming from {folder}, the newest usable committed checkpoint")
+                return folder, state
+            errors.append(error)
+            self._note(f"checkpoint {folder} is unusable: {error or 'another rank failed'}; "
+                       "passing over it")
+        if self.cfg.resume == "auto" and (errors or checkpoint.committed(self.ckpt_root)):
+            raise checkpoint.CheckpointError(
+                f"no usable committed checkpoint in {self.ckpt_root} (see above); resume=never "
+                "starts the stage over, resume=<folder> picks one")
+        return None, {}
+
     def resume(self) -> int:
         """Restore the checkpoint `resume` selects (if any); return the step training starts at."""
-        folder = None
-        if self.env.is_main:
-            folder = checkpoint.resolve_resume(self.cfg.resume, self.ckpt_root)
-            if folder is None and self.ckpt_root.exists():
-                shutil.rmtree(self.ckpt_root)  # starting fresh: older checkpoints are stale
-        folder = broadcast_object(None if folder is None else str(folder))
+        folder, state = self._restore_state()
         if folder is None:
             return 0
-        state = checkpoint.load(Path(folder), self.engines, self.env)
+        checkpoint.load_engines(folder, self.engines)
+        checkpoint.restore_rng(state.pop("rng"))
         self.step, self.bad_total = state["step"], state["bad_total"]
         self.bad_streak, self.last = state["bad_streak"], state["last"]
         self.data.load_state_dict(state["data"])
