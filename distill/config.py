@@ -484,6 +484,14 @@ def validate(cfg: DictConfig, source: str = "recipe") -> None:
     if cfg.train.checkpoint_every < 1 or cfg.train.keep_checkpoints < 1 or cfg.logging.every < 1:
         raise ConfigError(f"{source}: train.checkpoint_every, train.keep_checkpoints and "
                           "logging.every must be >= 1")
+    check_run_name(cfg.run.name, source)
+
+
+def check_run_name(name: str, source: str = "recipe") -> None:
+    """run.name is one path component: a run folder always lies directly inside run.out."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        raise ConfigError(f"{source}: run.name={name!r} must be one folder name (no '/', '..', control "
+                          "characters): the run folder is <run.out>/<run.name>")
 
 
 def _walk(cls: type, node: Any, prefix: str = ""):

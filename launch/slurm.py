@@ -10,12 +10,24 @@ requeues the job.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
 
 PREEMPT_GRACE_S = 300
 RDZV_PORT_BASE = 29500
+# --partition/--time/--account go into #SBATCH lines verbatim: letters, digits and . _ , : + - only
+# (partition lists "a,b", times "2-00:00:00"), so no value can end a line or reach a shell.
+SBATCH_VALUE = re.compile(r"[A-Za-z0-9._,:+-]+")
+
+
+def check_sbatch_values(args: argparse.Namespace) -> None:
+    """One line naming the flag when a value would leave its #SBATCH line."""
+    for flag in ("partition", "time", "account"):
+        value = getattr(args, flag)
+        if value is not None and not SBATCH_VALUE.fullmatch(value):
+            raise ValueError(f"slurm: --{flag} {value!r}: only letters, digits and . _ , : + - are allowed")
 
 
 def _directives(args: argparse.Namespace, name: str, log_dir: Path) -> list[str]:
@@ -72,6 +84,7 @@ def write_script(args: argparse.Namespace) -> int:
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise ValueError(f"slurm: --nodes and --gpus-per-node must be >= 1 "
                          f"(got {args.nodes}, {args.gpus_per_node})")
+    check_sbatch_values(args)
     cfg = plan(args.recipe, list(args.overrides)).cfg
     out = str(Path(cfg.run.out).resolve())
     log_dir = Path(out)
