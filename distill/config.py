@@ -24,6 +24,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kernels.dispatch import BACKENDS
 from student.settings import StudentSettings
 from teacher.context import STRATEGIES
 
@@ -193,6 +194,8 @@ class ModelConfig:
     ffn_dim: int = key(256, "random Wan: feed-forward hidden width")
     layers: int = key(2, "random Wan: transformer blocks")
     freq_dim: int = key(64, "random Wan: sinusoidal timestep embedding width")
+    attention: str = choice("auto", BACKENDS, "self-attention backend of teacher and student (kernels/dispatch.py): "
+                            "auto = FlexAttention on CUDA unless Triton was measured >=10% faster, SDPA on CPU")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from kernels import attention_function
 from student.model import CausalStudent
 from teacher.encoders import component_folder
 from teacher.model import NextShotTeacher
@@ -92,14 +93,25 @@ def teacher_settings(cfg: DictConfig) -> dict:
                 trainable=t.trainable)
 
 
+def use_attention(model: NextShotTeacher | CausalStudent, backend: str) -> NextShotTeacher | CausalStudent:
+    """Set a model's self-attention backend (`model.attention`, kernels/dispatch.py): a teacher's dense
+    attention, a student's chunk-causal one (its cached decoding is dense over the cache: SDPA)."""
+    if isinstance(model, CausalStudent):
+        model.attention_backend = backend
+    else:
+        model.backbone.attention = attention_function(backend, dense=True)
+    return model
+
+
 def build_teacher(cfg: DictConfig) -> NextShotTeacher:
     """A fresh next-shot teacher around the recipe's Wan (the teacher stage's starting point)."""
-    return NextShotTeacher(build_wan(cfg), **teacher_settings(cfg))
+    return use_attention(NextShotTeacher(build_wan(cfg), **teacher_settings(cfg)), cfg.model.attention)
 
 
-def load_teacher(folder: str | Path) -> NextShotTeacher:
-    """A trained teacher saved by the teacher stage (`<teacher stage>/model`), with its own settings."""
-    return NextShotTeacher.from_pretrained(folder, torch_dtype=torch.float32)
+def load_teacher(folder: str | Path, attention: str = "auto") -> NextShotTeacher:
+    """A trained teacher saved by the teacher stage (`<teacher stage>/model`), with its own settings
+    and the self-attention backend `attention` (`model.attention`)."""
+    return use_attention(NextShotTeacher.from_pretrained(folder, torch_dtype=torch.float32), attention)
 
 
 def check_student_keys(cfg: DictConfig) -> None:
@@ -125,7 +137,7 @@ def build_student(cfg: DictConfig, teacher: NextShotTeacher) -> CausalStudent:
         denoising_steps=list(s.denoising_steps), shift=s.shift)
     student.requires_grad_(True)
     student.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
-    return student
+    return use_attention(student, cfg.model.attention)
 
 
 def student_components(cfg: DictConfig) -> dict:

@@ -107,6 +107,8 @@ class WanBackbone:
         self.heads = cfg.num_attention_heads
         self.num_layers = cfg.num_layers
         self.gradient_checkpointing = False
+        # self-attention of forward() when the caller names none (the recipe's model.attention backend)
+        self.attention: Attention = sdpa_attention
 
     def direct_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters this adapter reads as attributes, outside the forward of the module owning
@@ -321,7 +323,7 @@ class WanBackbone:
         positions: torch.Tensor,
         text: TextKV,
         frame_text: torch.Tensor | None = None,
-        attn: Attention = sdpa_attention,
+        attn: Attention | None = None,
         kv: KVProvider | None = None,
         out_frames: int | None = None,
         phases: torch.Tensor | None = None,
@@ -332,7 +334,7 @@ class WanBackbone:
         grid = self.check_latents("latents", latents)
         tokens = self.embed(latents)
         cond = self.conditioning(timesteps, positions, grid, tokens.dtype, phases)
-        tokens = self.run_blocks(tokens, grid, cond, text, frame_text, attn, kv)
+        tokens = self.run_blocks(tokens, grid, cond, text, frame_text, attn or self.attention, kv)
         keep = grid.frames if out_frames is None else out_frames
         tail = grid.tail(keep)
         return self.head(tokens[:, -keep * grid.per_frame:], cond.temb[:, -keep:], tail)

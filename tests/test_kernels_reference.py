@@ -104,9 +104,9 @@ def test_reference_matches_explicit_softmax():
     assert torch.allclose(out, torch.einsum("bhqk,bkhd->bqhd", weights, v), atol=1e-12)
 
 
-def test_reference_backend_is_differentiable():
+def test_sdpa_backend_is_differentiable():
     q, k, v = (torch.randn(1, 10, 2, 4, requires_grad=True) for _ in range(3))
-    kernels.chunk_causal_attention(q, k, v, prefix_len=2, chunk_len=3, backend="reference").square().sum().backward()
+    kernels.chunk_causal_attention(q, k, v, prefix_len=2, chunk_len=3, backend="sdpa").square().sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
 
 
@@ -116,7 +116,7 @@ def test_reference_backend_is_differentiable():
     (dict(window_chunks=0), "chunk_causal_attention: window_chunks must be None or >= 1, got 0"),
     (dict(k=torch.zeros(1, 12, 2, 4)), "chunk_causal_attention: q (1, 10, 2, 4) and k (1, 12, 2, 4) differ in shape"),
     (dict(v=torch.zeros(1, 10, 2, 8)), "chunk_causal_attention: q (1, 10, 2, 4) and v (1, 10, 2, 8) differ in shape"),
-    (dict(backend="flash"), "chunk_causal_attention: backend must be one of ('auto', 'triton', 'reference'), "
+    (dict(backend="flash"), "chunk_causal_attention: backend must be one of ('auto', 'triton', 'flex', 'sdpa'), "
                             "got 'flash'"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, message):

@@ -1,6 +1,5 @@
 """Protects the Triton chunk-attention kernel (run by the interpreter on CPU) against a float64 reference."""
 
-import functools
 import os
 
 import pytest
@@ -32,8 +31,7 @@ def _inputs(batch, q_len, k_len, heads, head_dim, dtype, seed=0):
 
 
 def _check(q, k, v, dout, **geometry):
-    triton_fn = functools.partial(kernels.chunk_causal_attention, backend="triton")
-    report = accuracy_report(triton_fn, q, k, v, dout, geometry)
+    report = accuracy_report(kernels.triton_attention, q, k, v, dout, geometry)
     for name, (ours, torch_err) in report.items():
         assert ours <= FACTOR * torch_err + FLOOR[q.dtype], (name, ours, torch_err, geometry)
 
@@ -71,7 +69,7 @@ def test_backward_is_deterministic():
     runs = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        out = kernels.chunk_causal_attention(*leaves, prefix_len=9, chunk_len=10, backend="triton")
+        out = kernels.triton_attention(*leaves, prefix_len=9, chunk_len=10)
         runs.append(torch.autograd.grad(out, leaves, dout))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 

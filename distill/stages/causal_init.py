@@ -67,7 +67,8 @@ class CausalInitStage:
 
     folder = "causal-init"
     produces = "student"
-    reads = keys.TRAINING + keys.STUDENT_FOLDER + ("optim.student", "causal_init", "student", "data.context")
+    reads = keys.TRAINING + keys.STUDENT_FOLDER + ("optim.student", "causal_init", "student", "data.context",
+                                                   "model.attention")
     sources = {"causal_init.pairs_from": ("student.denoising_steps", "student.shift", "data.context")}
 
     @staticmethod

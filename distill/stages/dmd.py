@@ -70,7 +70,7 @@ class DMDStage:
 
     produces = "student"
     reads = keys.TRAINING + keys.STUDENT_FOLDER + ("optim.generator", "optim.critic", "dmd", "lora", "sampler",
-                                                   "data.prepared", "data.context")
+                                                   "data.prepared", "data.context", "model.attention")
     # the generator starts from a finished student folder: what that was built with is what this stage runs with
     sources = {"dmd.generator_from": ("student", "data.context")}
     inter = False
@@ -100,8 +100,9 @@ class DMDStage:
         cfg = self.cfg
         teacher_path = self.ctx.input("dmd.teacher_from", cfg.dmd.teacher_from, "teacher")
         student = CausalStudent.from_pretrained(self.ctx.input("dmd.generator_from", cfg.dmd.generator_from, "student"),
-                                                torch_dtype=torch.float32).train()
-        critic = load_teacher(teacher_path).train()
+                                                torch_dtype=torch.float32,
+                                                attention_backend=cfg.model.attention).train()
+        critic = load_teacher(teacher_path, cfg.model.attention).train()
         student.requires_grad_(True)
         critic.requires_grad_(True)
         if cfg.lora.rank > 0:
@@ -110,7 +111,7 @@ class DMDStage:
                 only_lora_trainable(model)
         student.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
         critic.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
-        real = place_frozen(load_teacher(teacher_path), cfg, self.env)
+        real = place_frozen(load_teacher(teacher_path, cfg.model.attention), cfg, self.env)
         return SelfForcingGenerator(student, lockstep=cfg.deepspeed.zero_stage == 3), critic, real
 
     def _geometry(self, student) -> None:

@@ -91,7 +91,7 @@ class OdePairsStage:
     folder = "ode-pairs"
     produces = "ode_pairs"
     reads = ("deepspeed", "data.prepared", "data.context", "codec", "text_encoder", "sampler.negative_prompt", "ode",
-             "student")
+             "student", "model.attention")
 
     @staticmethod
     def check(cfg: DictConfig) -> None:
@@ -145,7 +145,7 @@ class OdePairsStage:
         mine = list(range(env.rank, shards, env.world_size))
         todo = [k for k in mine if not self.committed(shard_name(k), fingerprint)]
         if todo:
-            teacher = place_frozen(load_teacher(model_dir), cfg, env)
+            teacher = place_frozen(load_teacher(model_dir, cfg.model.attention), cfg, env)
             self.sample_shards(teacher, dataset, todo, fingerprint)
         counts = all_sum(torch.tensor([float(len(todo))], device=env.device)).cpu()
         barrier()
