@@ -34,7 +34,14 @@ def find_student(source: str | os.PathLike) -> Path:
 
 
 def export_run(source: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Export the newest finished student of `source` (a run or stage folder) into `out`."""
+    """Export the newest finished student of `source` (a run or stage folder) into `out`: a folder that
+    may be replaced (teacher/files.py `check_replaceable`: absent, empty or one we wrote) and that is
+    not, and does not contain, `source`, the student folder or a component folder it copies from."""
     from student.export import export_folder
+    from student.folder import read_folder
+    from teacher.files import check_replaceable
 
-    return export_folder(layout.product(find_student(source), "student"), out)
+    student = layout.product(find_student(source), "student")
+    components = [c["path"] for c in read_folder(student).components.values() if c.get("path")]
+    check_replaceable(out, ours=(layout.GENERATOR_FILE,), inputs=[source, student, *components])
+    return export_folder(student, out)

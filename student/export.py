@@ -62,7 +62,7 @@ def save_student(student: CausalStudent, folder: str | os.PathLike, components: 
     """Write the student folder atomically (see module doc); returns its path."""
     import json
 
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, ours=(GENERATOR_FILE,)) as tmp:  # or a student folder from before the marker
         merged_transformer(student).save_pretrained(str(tmp / TRANSFORMER))
         if student.shot_indicator is not None:
             from safetensors.torch import save_file

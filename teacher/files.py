@@ -8,7 +8,11 @@ none) and a stray temporary that a later attempt removes; readers never see half
 - `atomic_file(path)`: for writers that stream into a path themselves (safetensors' `save_file`,
   PyAV): yields the temporary path, fsyncs and renames it on success, removes it on error.
 - `temp_path(path)`: the temporary path alone, for writers that commit later (`student.video`).
-- `atomic_folder(folder)`: a folder built under a temporary name and swapped into place.
+- `atomic_folder(folder)`: a folder built under a temporary name and swapped into place. It leaves a
+  small `FOLDER_MARKER` file inside, and it replaces an existing folder only when that folder is
+  empty or holds the marker (or a file the caller names as its own, `ours`): nothing a command did
+  not create is ever deleted. `check_replaceable` is that rule, for commands that check before
+  any compute (and that also refuse an output folder that is, or contains, one of their inputs).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+FOLDER_MARKER = ".shotdistill-folder"  # inside every folder atomic_folder wrote: it may be replaced
 
 
 def temp_path(path: str | os.PathLike) -> Path:
@@ -63,16 +69,44 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         raise
 
 
-@contextmanager
-def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `folder`; on success it replaces `folder`."""
+def check_replaceable(folder: str | os.PathLike, ours: Iterable[str] = (),
+                      inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Raise (one line naming `folder`) unless writing `folder` can delete nothing we did not write:
+    it is absent, an empty folder, or a folder holding FOLDER_MARKER or one of the files `ours`; and
+    it neither is nor contains any of `inputs`."""
     final = Path(folder)
+    resolved = final.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if resolved == source or resolved in source.parents:
+            raise ValueError(f"{final}: is or contains {source}, an input of this command; "
+                             "refusing to replace it: choose another output folder")
+    if not final.exists() and not final.is_symlink():
+        return
+    if not final.is_dir() or final.is_symlink():
+        raise FileExistsError(f"{final}: exists and is not a plain folder; refusing to replace it")
+    if (final / FOLDER_MARKER).is_file() or any((final / name).exists() for name in ours):
+        return
+    if any(final.iterdir()):
+        raise FileExistsError(f"{final}: not empty and not written by shotdistill (no {FOLDER_MARKER}); "
+                              "refusing to replace it: choose another output folder or remove it yourself")
+
+
+@contextmanager
+def atomic_folder(folder: str | os.PathLike, ours: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `folder`; on success it replaces `folder`, which must be
+    replaceable (`check_replaceable`: absent, empty, or written by us), checked before and at the swap."""
+    final = Path(folder)
+    ours = tuple(ours)
+    check_replaceable(final, ours)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        (tmp / FOLDER_MARKER).write_text("written by shotdistill: a later write may replace this folder\n")
+        check_replaceable(final, ours)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

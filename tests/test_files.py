@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from teacher.files import atomic_file, atomic_folder, temp_path, write_atomic
+from teacher.files import FOLDER_MARKER, atomic_file, atomic_folder, temp_path, write_atomic
 
 
 def test_temp_path_convention(tmp_path):
@@ -54,8 +54,8 @@ def test_atomic_folder_replaces_or_keeps(tmp_path):
         with atomic_folder(folder) as tmp:
             (tmp / "b").write_text("2")
             raise RuntimeError("crash")
-    assert sorted(p.name for p in folder.iterdir()) == ["a"]
+    assert sorted(p.name for p in folder.iterdir()) == [FOLDER_MARKER, "a"]
     with atomic_folder(folder) as tmp:
         (tmp / "c").write_text("3")
-    assert sorted(p.name for p in folder.iterdir()) == ["c"]
+    assert sorted(p.name for p in folder.iterdir()) == [FOLDER_MARKER, "c"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

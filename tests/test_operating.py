@@ -35,3 +35,87 @@ def test_slurm_values_take_a_strict_character_set(tmp_path, toy_recipe, capsys, 
     assert len(err) == 1 and err[0].startswith(f"shotdistill: error: slurm: {flag} ") and not out.exists(), err
     assert main(["slurm", str(recipe), "--nodes", "1", "--gpus-per-node", "1", "--partition", "gpu,gpu-long",
                  "--time", "2-00:00:00", "--account", "proj_1.x", "--out", str(out)]) == 0
+
+
+# --------------------------------------------------------------------------- item 1: nothing we did not create is deleted
+
+
+def test_atomic_folder_replaces_only_a_folder_it_wrote(tmp_path):
+    from teacher.files import FOLDER_MARKER, atomic_folder
+
+    mine = tmp_path / "mine"
+    with atomic_folder(mine) as tmp:
+        (tmp / "a").write_text("1")
+    assert (mine / FOLDER_MARKER).is_file()
+    with atomic_folder(mine) as tmp:                              # ours: replaced
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in mine.iterdir()) == sorted(["b", FOLDER_MARKER])
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match=f"{theirs}: not empty and not written by shotdistill"):
+        with atomic_folder(theirs) as tmp:
+            (tmp / "x").write_text("3")
+    assert sorted(p.name for p in theirs.iterdir()) == ["thesis.tex"]
+    legacy = tmp_path / "legacy"                                  # a file the caller names as its own
+    legacy.mkdir()
+    (legacy / "generator.json").write_text("{}")
+    with atomic_folder(legacy, ours=("generator.json",)) as tmp:
+        (tmp / "c").write_text("4")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_folder(empty) as tmp:
+        (tmp / "d").write_text("5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "legacy", "mine", "theirs"]  # no temporaries
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run folder with one finished causal-init student stage (tiny, no training)."""
+    import json
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from distill.config import schema
+    from distill.models import student_components
+    from helpers import make_tiny_wan
+    from student.export import save_student
+    from student.model import CausalStudent
+    from teacher import NextShotTeacher
+
+    recipe = {"stage": "causal_init", "run": {"name": "r"}, "codec": {"kind": "patch", "patch": 2},
+              "text_encoder": {"kind": "tiny_t5", "dim": 24, "layers": 1, "heads": 2, "max_tokens": 8},
+              "data": {"height": 16, "width": 16, "fps": 8, "shot_frames": 6}}
+    run = tmp_path_factory.mktemp("finished") / "run"
+    stage = run / "causal-init"
+    teacher = NextShotTeacher(make_tiny_wan(in_channels=12, out_channels=12, text_dim=24))
+    save_student(CausalStudent.from_teacher(teacher, chunk_frames=3), stage / "student",
+                 student_components(OmegaConf.merge(schema(), recipe)))
+    (stage / "config.yaml").write_text(yaml.safe_dump(recipe))
+    (stage / "DONE").write_text(json.dumps({"metrics": {}, "produces": "student", "finished": 0.0}))
+    (run / "config.yaml").write_text(yaml.safe_dump(recipe))
+    return run
+
+
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_export_never_replaces_its_source_or_a_folder_it_did_not_write(finished_run, tmp_path, capsys, one_thread):
+    before = _tree(finished_run)
+    for out in (finished_run, finished_run / "causal-init", finished_run / "causal-init" / "student"):
+        assert main(["export", str(finished_run), "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "refusing to replace it" in err[0], err
+        assert _tree(finished_run) == before
+    unrelated = tmp_path / "photos"
+    unrelated.mkdir()
+    (unrelated / "cat.jpg").write_bytes(b"meow")
+    assert main(["export", str(finished_run), "--out", str(unrelated)]) == 1
+    assert "not written by shotdistill" in capsys.readouterr().err
+    assert _tree(unrelated) == ["cat.jpg"]
+    out = tmp_path / "export"
+    assert main(["export", str(finished_run), "--out", str(out)]) == 0
+    assert main(["export", str(finished_run), "--out", str(out)]) == 0   # our own export: replaced
+    assert (out / "generator.json").is_file()
