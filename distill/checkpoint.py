@@ -8,6 +8,11 @@ truncated. Pruning renames a folder out of the `step-*` namespace before deletin
 mid-delete never leaves a half-deleted folder that still counts.
 Per rank we keep what DeepSpeed does not: the RNG states (python, numpy, torch, CUDA), the data
 position and the trainer's own counters (the `client` dict).
+
+No code runs from a checkpoint file: every file, ours and DeepSpeed's, is read with
+`torch.load(weights_only=True)` (tensors, plain containers and numbers; DeepSpeed's files also
+need four of its own plain classes, allow-listed in `DEEPSPEED_GLOBALS`). Anything else in a file
+stops the load with one line naming the file and the type it holds.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +125,11 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 
 
 def capture_rng() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG state as tensors, numbers and strings only (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -127,10 +138,68 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):
+        numpy = (numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                 numpy["has_gauss"], numpy["cached_gaussian"])
+    np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _deepspeed_globals() -> list:
+    """The plain classes DeepSpeed's engine and ZeRO optimizer files hold besides tensors: loss
+    scalers (attributes only), the ZeRO stage enum and fp32 fragment addresses (a dataclass)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _numpy_arrays() -> list:
+    """numpy's array reconstruction: only for rank states written before RNG states were tensors."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
+
+
+_TORCH_LOAD = torch.load  # the real one, while `_deepspeed_loads_safely` stands in for it
+
+
+def safe_load(path: str | os.PathLike, map_location=None, extra_globals: list | None = None) -> Any:
+    """torch.load that runs no code from the file; CheckpointError (one line naming the file) for
+    a file that holds anything else or cannot be read."""
+    try:
+        with torch.serialization.safe_globals(_numpy_arrays() + list(extra_globals or [])):
+            return _TORCH_LOAD(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        held = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(e))
+        what = f"it holds {held.group(1)}" if held else "it holds more than tensors"
+        raise CheckpointError(f"{path}: refused to load: {what} (checkpoint files may hold only "
+                              "tensors and plain data)") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as e:  # a torn zip, a short read
+        raise CheckpointError(f"{path}: cannot be read ({_first_line(e)})") from None
+
+
+@contextmanager
+def _deepspeed_loads_safely():
+    """Inside the block, every torch.load (DeepSpeed's engine load calls it with weights_only=False)
+    is `safe_load` with DeepSpeed's plain classes allowed."""
+    allowed = _deepspeed_globals()
+
+    def load(f, map_location=None, *args, **kwargs):
+        return safe_load(f, map_location, allowed)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = _TORCH_LOAD
 
 
 def _rank_file(folder: Path, rank: int) -> Path:
@@ -207,10 +276,7 @@ def load_state(folder: Path, env: DistEnv) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{folder}: no state for rank {env.rank} (saved with another world "
                               "size? convert it with DeepSpeed's universal checkpoint)")
-    try:
-        state = torch.load(path, weights_only=False)
-    except Exception as e:  # a torn zip, a short read: one line that names the file
-        raise CheckpointError(f"{path}: cannot be read ({_first_line(e)})") from None
+    state = safe_load(path)
     if not isinstance(state, dict) or "world_size" not in state:
         raise CheckpointError(f"{path}: not a rank state written by this trainer")
     if state["world_size"] != env.world_size:
@@ -224,8 +290,9 @@ def load_engines(folder: Path, engines: dict) -> None:
     folder = Path(folder)
     for name, engine in engines.items():
         try:
-            load_path, _ = engine.load_checkpoint(str(folder / name), tag=_ENGINE_TAG,
-                                                  load_lr_scheduler_states=False)
+            with _deepspeed_loads_safely():
+                load_path, _ = engine.load_checkpoint(str(folder / name), tag=_ENGINE_TAG,
+                                                      load_lr_scheduler_states=False)
         except CheckpointError:
             raise
         except Exception as e:  # DeepSpeed asserts, torch's zip reader, a missing file

@@ -254,6 +254,8 @@ class Trainer:
             errors.append(error)
             self._note(f"checkpoint {folder} is unusable: {error or 'another rank failed'}; "
                        "passing over it")
+        if self.cfg.resume not in ("auto", "never") and errors:
+            raise checkpoint.CheckpointError(errors[0] or f"checkpoint {folders[0]} is unusable")
         if self.cfg.resume == "auto" and (errors or checkpoint.committed(self.ckpt_root)):
             raise checkpoint.CheckpointError(
                 f"no usable committed checkpoint in {self.ckpt_root} (see above); resume=never "
