@@ -1,6 +1,7 @@
 """Every folder and file name of a run, defined once (DESIGN.md "A run folder").
 
     <run.out>/<run.name>/
+      .lock                       held (flock) by rank 0 of the one run writing the folder: host, pid
       config.yaml                 the invoked recipe, resolved
       tb/<stage>/                 TensorBoard events, one folder per stage
       <stage>/                    one folder per stage (the stage class's `folder`):
@@ -24,6 +25,7 @@ from pathlib import Path
 from student.folder import GENERATOR_FILE
 
 CONFIG = "config.yaml"
+LOCK = ".lock"
 DONE = "DONE"
 METRICS = "metrics.json"
 CHECKPOINTS = "checkpoints"
@@ -33,7 +35,7 @@ PREPARE, EXPORT, EVAL = "prepare", "export", "eval"  # stage folders other stage
 # what a stage produces -> where inside its folder ("": the stage folder itself)
 PRODUCTS = {"prepared": "", "teacher": "model", "ode_pairs": "", "student": "student", "export": ""}
 
-__all__ = ["CONFIG", "DONE", "METRICS", "CHECKPOINTS", "TB", "PREPARE", "EXPORT", "EVAL", "PRODUCTS",
+__all__ = ["CONFIG", "LOCK", "DONE", "METRICS", "CHECKPOINTS", "TB", "PREPARE", "EXPORT", "EVAL", "PRODUCTS",
            "GENERATOR_FILE", "run_dir", "tb_dir", "product", "done_record", "finished_products", "newest_product"]
 
 

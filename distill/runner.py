@@ -7,12 +7,19 @@ loaded and validated before anything computes.
 Overrides: the command line's `key=value` overrides apply to every recipe of the tree (so
 `train.steps=2` shrinks a whole pipeline), and every needed or pipelined recipe inherits
 `run.name` and `run.out` from the invoked recipe, so the whole tree writes into one run folder.
+
+One run folder, one writer: rank 0 holds an exclusive lock on `<run>/.lock` (flock: the kernel
+releases it however the process ends) for the whole run; a second run into the folder stops at once,
+on every rank, with one line naming the holder's host and pid.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,16 +167,67 @@ def format_summary(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+class RunLocked(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+def lock_run(run_dir: Path) -> int:
+    """Take the run folder's exclusive lock (layout.LOCK) and record this host and pid in it; return
+    the open descriptor (closing it, or exiting, releases the lock). RunLocked names the holder."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / layout.LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        try:
+            holder = json.loads(path.read_text())
+            who = f"host {holder['host']}, pid {holder['pid']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "holder unknown"
+        raise RunLocked(f"{run_dir}: another run is writing this folder ({who}); wait for it to end "
+                        "or choose another run.name") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, (json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n").encode())
+    return fd
+
+
+@contextmanager
+def run_lock(run_dir: Path, env):
+    """Collective: rank 0 holds the run folder's lock inside the block; when it cannot, every rank
+    raises RunLocked with rank 0's line (so no rank starts writing)."""
+    from distill.distributed import broadcast_object
+
+    fd, error = None, None
+    if env.is_main:
+        try:
+            fd = lock_run(run_dir)
+        except RunLocked as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error is not None:
+        raise RunLocked(error)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def run_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, dict]:
-    """Validate the recipe tree, join the process group, write config.yaml, run; return the
-    per-stage summary (also printed on rank 0)."""
+    """Validate the recipe tree, join the process group, lock the run folder, write config.yaml,
+    run; return the per-stage summary (also printed on rank 0)."""
     from distill.distributed import init_distributed
     root = plan(path, list(overrides))
     env = init_distributed(root.cfg.run.dist_timeout)
     runner = Runner(root, env)
-    runner._write(runner.run_dir / layout.CONFIG, to_yaml(root.cfg))
-    runner.barrier()
-    runner.execute(root)
+    with run_lock(runner.run_dir, env):
+        runner._write(runner.run_dir / layout.CONFIG, to_yaml(root.cfg))
+        runner.barrier()
+        runner.execute(root)
     if env.is_main:
         print(format_summary(runner.summary), flush=True)
     return runner.summary

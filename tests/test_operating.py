@@ -119,3 +119,28 @@ def test_export_never_replaces_its_source_or_a_folder_it_did_not_write(finished_
     assert main(["export", str(finished_run), "--out", str(out)]) == 0
     assert main(["export", str(finished_run), "--out", str(out)]) == 0   # our own export: replaced
     assert (out / "generator.json").is_file()
+
+
+# --------------------------------------------------------------------------- item 2: one run folder, one writer
+
+
+def test_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(tmp_path, toy_recipe, capsys):
+    import os
+    import socket
+
+    from distill import layout
+    from distill.runner import lock_run
+
+    recipe = toy_recipe(tmp_path, train={"steps": 2, "checkpoint_every": 2})
+    run = tmp_path / "runs" / "toy"
+    holder = lock_run(run)                       # another run is writing the folder
+    try:
+        assert main(["run", str(recipe)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"shotdistill: error: {run}: another run is writing this folder (host "
+                       f"{socket.gethostname()}, pid {os.getpid()}); wait for it to end or choose another run.name"]
+        assert sorted(p.name for p in run.iterdir()) == [layout.LOCK]   # nothing written
+    finally:
+        os.close(holder)
+    assert main(["run", str(recipe)]) == 0       # released: the run goes ahead, and releases it in turn
+    os.close(lock_run(run))
