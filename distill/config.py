@@ -25,7 +25,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kernels.dispatch import BACKENDS
-from student.settings import StudentSettings
+from student.settings import NEGATIVE_SCOPES, StudentSettings
 from teacher.context import STRATEGIES
 
 
@@ -210,6 +210,8 @@ class TeacherConfig:
     trainable: str = choice("self_attention", ("self_attention", "all"),
                             "parameters trained: the blocks' self-attention only, or everything")
     context_dropout: float = key(0.1, "probability a micro-batch trains without its context")
+    text_dropout: float = key(0.1, "probability a sample trains with every frame's text zeroed (the official "
+                              "release: 10%), the unconditional branch CFG needs in ODE pairs and DMD")
     timestep_shift: float = key(1.0, "shift applied to the uniformly drawn training timesteps")
     loss_buckets: int = key(4, "timestep strata; the loss of each is logged as teacher/loss_t<lo>-<hi>")
     eval_samples: int = key(4, "next shots sampled at the end for the colour-consistency metric (0: none)")
@@ -220,7 +222,10 @@ class SamplerConfig:
     steps: int = key(50, "Euler steps of teacher sampling")
     shift: float = key(5.0, "timestep shift of the sampling schedule")
     guidance_scale: float = key(5.0, "classifier-free guidance scale (1: conditional only)")
-    negative_prompt: str = key("", "caption whose embedding is the unconditional branch of CFG")
+    negative_prompt: str = key("", "caption whose embedding is the unconditional branch of CFG ('': zeros, the "
+                               "embedding text dropout trains)")
+    negative_scope: str = choice("all", NEGATIVE_SCOPES, "the unconditional branch's text replaces every frame's, "
+                                 "context frames' too (all: the official release) or only the target's (target)")
 
 
 # --------------------------------------------------------------------------- student, ODE pairs, causal init
@@ -481,13 +486,42 @@ def validate(cfg: DictConfig, source: str = "recipe") -> None:
         if options is not None and value not in options:
             raise ConfigError(
                 f"{source}: {full_key}: {value!r} is not one of {', '.join(map(str, options))}")
-    if cfg.train.steps < 0 or cfg.train.micro_batch < 1 or cfg.train.grad_accum < 1:
-        raise ConfigError(f"{source}: train.steps must be >= 0, train.micro_batch and "
-                          "train.grad_accum >= 1")
-    if cfg.train.checkpoint_every < 1 or cfg.train.keep_checkpoints < 1 or cfg.logging.every < 1:
-        raise ConfigError(f"{source}: train.checkpoint_every, train.keep_checkpoints and "
-                          "logging.every must be >= 1")
+    for full_key, value, lowest, strict in _ranged(cfg):
+        if value < lowest or (strict and value == lowest):
+            raise ConfigError(f"{source}: {full_key}={value!r} must be {'>' if strict else '>='} {lowest}")
+    if cfg.data.manifest and Path(cfg.data.manifest).is_dir():
+        raise ConfigError(f"{source}: data.manifest={cfg.data.manifest!r} is a folder: name the manifest file "
+                          "in it (e.g. manifest.jsonl)")
     check_run_name(cfg.run.name, source)
+
+
+# Ranges the types cannot say, checked before any compute: (key, lowest value, lowest excluded);
+# `*` stands for every section (`optim.*.lr`: the lr of every optimizer). Training stages also need
+# train.steps >= 1 (distill/runner.py); a stage checks its own section's relations (ode.*, eval.*).
+RANGES = (
+    ("train.steps", 0, False), ("train.micro_batch", 1, False), ("train.grad_accum", 1, False),
+    ("train.checkpoint_every", 1, False), ("train.keep_checkpoints", 1, False), ("train.max_bad_steps", 1, False),
+    ("logging.every", 1, False),
+    ("optim.*.lr", 0, False), ("optim.*.weight_decay", 0, False), ("optim.*.eps", 0, True),
+    ("optim.*.warmup", 0, False), ("optim.*.clip", 0, False),
+    ("data.height", 1, False), ("data.width", 1, False), ("data.fps", 0, True), ("data.shot_frames", 1, False),
+    ("data.records_per_shard", 1, False),
+    ("data.synth.videos", 1, False), ("data.synth.height", 1, False), ("data.synth.width", 1, False),
+    ("data.synth.fps", 1, False), ("data.synth.min_shots", 1, False), ("data.synth.min_frames", 1, False),
+    ("codec.patch", 1, False), ("text_encoder.max_tokens", 1, False),
+    ("model.heads", 1, False), ("model.head_dim", 1, False), ("model.ffn_dim", 1, False), ("model.layers", 1, False),
+    ("model.freq_dim", 1, False), ("sampler.steps", 1, False), ("student.chunk_frames", 1, False),
+    ("dmd.generator_every", 1, False), ("lora.rank", 0, False),
+)
+
+
+def _ranged(cfg: DictConfig):
+    """(full key, value, lowest, strict) for every key RANGES names in `cfg`."""
+    for pattern, lowest, strict in RANGES:
+        head, _, tail = pattern.partition(".*.")
+        keys = [f"{head}.{name}.{tail}" for name in cfg[head]] if tail else [pattern]
+        for full_key in keys:
+            yield full_key, OmegaConf.select(cfg, full_key), lowest, strict
 
 
 def check_run_name(name: str, source: str = "recipe") -> None:

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from student.settings import NEGATIVE_SCOPES
 from teacher.context import sample_context
 
 
@@ -75,6 +76,23 @@ class Context:
 def kwargs_of(context: Context | None) -> dict[str, torch.Tensor]:
     """`context.kwargs()`, or no arguments for no context."""
     return {} if context is None else context.kwargs()
+
+
+def denoisers(model: Callable, context: Context | None, negative_scope: str) -> tuple[Callable, Callable]:
+    """(conditional, unconditional) denoisers (x_t, t, text) -> v of a next-shot model given a history.
+    The unconditional text (CFG's negative) replaces every frame's text, the context frames' too
+    ("all": the official convention, what text dropout trains), or only the target's ("target")."""
+    if negative_scope not in NEGATIVE_SCOPES:
+        raise ValueError(f"negative scope must be one of {NEGATIVE_SCOPES}; got {negative_scope!r}")
+    cond = lambda x, t, text: model(x, t, text, **kwargs_of(context))  # noqa: E731
+    if context is None or negative_scope == "target":
+        return cond, cond
+
+    def uncond(x, t, text):
+        texts = text[:, None].expand_as(context.texts).to(context.texts.dtype)
+        return model(x, t, text, **Context(context.latents, texts, context.shots).kwargs())
+
+    return cond, uncond
 
 
 # (history shot k, frame f inside it) -> that frame's latents [..., C, h, w]

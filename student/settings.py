@@ -14,6 +14,8 @@ from pathlib import Path
 from teacher.context import STRATEGIES
 
 INDICATORS = ("rope_offset", "learnable", "none")
+# what the unconditional (CFG negative) text replaces: every frame's text, or the target's only
+NEGATIVE_SCOPES = ("all", "target")
 
 
 @dataclass

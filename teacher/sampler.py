@@ -51,9 +51,10 @@ def schedule(steps: int, shift: float, keep: Sequence[float] = ()) -> torch.Tens
 @torch.no_grad()
 def sample(denoiser: Denoiser, text: torch.Tensor, noise: torch.Tensor, *,
            guidance_scale: float, steps: int, shift: float, negative_text: torch.Tensor | None = None,
-           keep_timesteps: Sequence[float] = ()) -> SampleResult:
-    """Integrate dx/dσ = v from σ = 1 (x = noise) to σ = 0 with Euler steps and CFG. The settings
-    have no defaults here: they come from a recipe (`sampler.*`, `ode.*`), where the defaults live."""
+           negative_denoiser: Denoiser | None = None, keep_timesteps: Sequence[float] = ()) -> SampleResult:
+    """Integrate dx/dσ = v from σ = 1 (x = noise) to σ = 0 with Euler steps and CFG; the negative
+    branch runs `negative_denoiser` (default: `denoiser`) on `negative_text`. The settings have no
+    defaults here: they come from a recipe (`sampler.*`, `ode.*`), where the defaults live."""
     times = schedule(steps, shift, keep_timesteps)
     keep = torch.tensor([float(t) for t in keep_timesteps], dtype=torch.float64)
     guided = negative_text is not None and guidance_scale != 1.0
@@ -65,8 +66,8 @@ def sample(denoiser: Denoiser, text: torch.Tensor, noise: torch.Tensor, *,
         t = torch.full((noise.shape[0],), float(t_now), device=noise.device, dtype=torch.float32)
         v = denoiser(x.to(noise.dtype), t, text).float()
         if guided:
-            v = classifier_free_guidance(v, denoiser(x.to(noise.dtype), t, negative_text).float(),
-                                         guidance_scale)
+            uncond = (negative_denoiser or denoiser)(x.to(noise.dtype), t, negative_text).float()
+            v = classifier_free_guidance(v, uncond, guidance_scale)
         x = x + float(sigma(t_next) - sigma(t_now)) * v
     _remember(kept, keep, times[-1], x, noise.dtype)
     trajectory = torch.stack([kept[i] for i in range(len(keep))]) if len(keep) else x.new_empty(0)

@@ -72,7 +72,7 @@ def test_stored_pairs_are_the_samplers_output(pairs_run):
         i = int(stored["pair"])
         item = dataset[i % len(dataset)]
         noise = pair_noise(cfg.run.seed, i, item["latents"].shape, torch.float32, device)
-        want = sample_pair(teacher, item, noise, negative, cfg.ode, student_timesteps(cfg))
+        want = sample_pair(teacher, item, noise, negative, cfg.ode, student_timesteps(cfg), cfg.sampler.negative_scope)
         assert torch.equal(stored["x0"], want.x0[0].cpu())
         assert torch.equal(stored["trajectory"], want.trajectory[:, 0].cpu())
         noise = noise[0].cpu()
@@ -91,7 +91,7 @@ def test_bf16_storage_is_the_samplers_output_rounded(pairs_run):
     dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget)
     item = dataset[len(dataset) - 1]
     noise = pair_noise(cfg.run.seed, 3, item["latents"].shape, torch.float32, "cpu")
-    result = sample_pair(teacher, item, noise, None, cfg.ode, student_timesteps(cfg))
+    result = sample_pair(teacher, item, noise, None, cfg.ode, student_timesteps(cfg), "all")
     stored = pair_tensors(0, item, noise, result, torch.bfloat16)
     assert stored["0/x0"].dtype == torch.bfloat16
     assert torch.equal(stored["0/x0"], result.x0[0].to(torch.bfloat16))

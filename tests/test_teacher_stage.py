@@ -230,3 +230,39 @@ def test_tiny_teacher_recipe_end_to_end(tmp_path):
     again = shotdistill(args, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "done earlier" in again.stdout and (run / "teacher" / "DONE").read_text() == marker
+
+
+def test_text_dropout_zeroes_every_frames_text_of_the_dropped_samples():
+    from distill.stages.teacher import drop_text
+
+    text = torch.randn(64, 5, 8)
+    context = Context(torch.randn(64, 4, 3, 2, 2), torch.randn(64, 3, 5, 8), torch.tensor([[0, 0, 1]] * 64))
+    torch.manual_seed(0)
+    out, ctx, dropped = drop_text(text, context, 0.25)
+    assert 0 < int(dropped.sum()) < 64  # about a quarter of 64
+    assert not out[dropped].any() and not ctx.texts[dropped].any()
+    assert torch.equal(out[~dropped], text[~dropped]) and torch.equal(ctx.texts[~dropped], context.texts[~dropped])
+    assert torch.equal(ctx.latents, context.latents)
+    state = torch.random.get_rng_state()
+    same, _, none = drop_text(text, context, 0.0)
+    assert same is text and not none.any() and torch.equal(torch.random.get_rng_state(), state)  # no draw
+
+
+@pytest.mark.parametrize("scope", ["all", "target"])
+def test_the_negative_replaces_every_frames_text_or_the_targets(scope):
+    from student.context import denoisers
+
+    calls = []
+    model = lambda x, t, text, **kw: calls.append((text, kw)) or x  # noqa: E731
+    context = Context(torch.randn(1, 4, 3, 2, 2), torch.randn(1, 3, 5, 8), torch.tensor([[0, 0, 1]]))
+    cond, uncond = denoisers(model, context, scope)
+    negative = torch.zeros(1, 5, 8)
+    cond(torch.zeros(1), torch.zeros(1), torch.ones(1, 5, 8))
+    uncond(torch.zeros(1), torch.zeros(1), negative)
+    (_, kw_cond), (text, kw_uncond) = calls
+    assert torch.equal(kw_cond["context_text"], context.texts) and text is negative
+    if scope == "all":
+        assert not kw_uncond["context_text"].any()  # the official: every frame's text is the negative
+    else:
+        assert torch.equal(kw_uncond["context_text"], context.texts)
+    assert torch.equal(kw_uncond["context"], context.latents)

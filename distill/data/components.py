@@ -49,9 +49,11 @@ def build_text_encoder(text: DictConfig, device: str | torch.device = "cpu") -> 
 
 
 def negative_text(cfg: DictConfig, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """[1, L, D]: `sampler.negative_prompt`, the unconditional text of CFG, in the model text layout.
+    """[1, L, D]: `sampler.negative_prompt`, the unconditional text of CFG, in the model text layout
+    (a blank prompt: zeros, what text dropout trains the unconditional branch on).
     Encoded on the CPU: a UMT5-XXL on the GPU would hold ~11 GB for one prompt."""
-    text = build_text_encoder(cfg.text_encoder, "cpu").model_text([cfg.sampler.negative_prompt])
+    prompt = cfg.sampler.negative_prompt
+    text = build_text_encoder(cfg.text_encoder, "cpu").model_text([prompt] if prompt.strip() else [])
     return text.unsqueeze(0).to(device, dtype)
 
 

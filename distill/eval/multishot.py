@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from distill.data.components import negative_text
 from distill.rollout import ContextFn, SelfForcingGenerator
-from student.context import kwargs_of
+from student.context import denoisers
 from teacher.sampler import draw_noise, sample
 
 # (texts: list of [1, L, D], generator) -> clean latents of every shot, each [1, C, F, h, w]
@@ -45,11 +45,10 @@ def teacher_shots(teacher, shape: tuple, sampler: DictConfig, negative: torch.Te
     seen: list[torch.Tensor] = []
     for text in texts:
         context = context_fn(shots, seen)
-        extra = kwargs_of(context and context.to(dtype=text.dtype))
+        cond, uncond = denoisers(teacher, context and context.to(dtype=text.dtype), sampler.negative_scope)
         noise = draw_noise((1, *shape), gen, text.dtype, text.device)
-        denoise = lambda x, t, txt: teacher(x, t, txt, **extra)  # noqa: E731
-        shot = sample(denoise, text, noise, negative_text=negative, guidance_scale=sampler.guidance_scale,
-                      steps=sampler.steps, shift=sampler.shift).x0.float()
+        shot = sample(cond, text, noise, negative_text=negative, negative_denoiser=uncond,
+                      guidance_scale=sampler.guidance_scale, steps=sampler.steps, shift=sampler.shift).x0.float()
         shots.append(shot)
         seen.append(text)
         yield shot

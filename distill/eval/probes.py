@@ -32,7 +32,7 @@ from distill.eval.metrics import colour_consistency
 from distill.eval.multishot import Rollout, guided_negative
 from distill.eval.run import EvalRun
 from distill.seeds import derive_seed
-from student.context import Context
+from student.context import Context, denoisers
 from student.model import CausalStudent
 from teacher.encoders import Codec, pixels_to_uint8
 from teacher.sampler import draw_noise, sample
@@ -50,14 +50,12 @@ def eval_items(dataset: ShotDataset, count: int) -> list[int]:
 def _shot(model, item: dict, noise: torch.Tensor, negative, cfg: DictConfig, with_context: bool,
           device, dtype) -> torch.Tensor:
     """Clean latents [1, C, F, h, w] of one sampled next shot."""
-    extra = {}
-    if with_context:
-        extra = Context.stack([item["context"]]).to(device, dtype).kwargs()
+    context = Context.stack([item["context"]]).to(device, dtype) if with_context else None
     text = item["text"][None].to(device, dtype)
-    denoise = lambda x, t, txt: model(x, t, txt, **extra)  # noqa: E731
     s = cfg.sampler
-    return sample(denoise, text, noise, negative_text=negative, guidance_scale=s.guidance_scale,
-                  steps=s.steps, shift=s.shift).x0
+    cond, uncond = denoisers(model, context, s.negative_scope)
+    return sample(cond, text, noise, negative_text=negative, negative_denoiser=uncond,
+                  guidance_scale=s.guidance_scale, steps=s.steps, shift=s.shift).x0
 
 
 @torch.no_grad()

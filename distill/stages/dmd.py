@@ -39,7 +39,7 @@ from distill.eval.media import MediaLog
 from distill.rollout import ReencodedContext, SelfForcingGenerator, draw_exit_step, latent_context_fn
 from distill.rollout import shots as rollout_shots
 from distill.trainer import TrainedModel, Trainer, gathered, place_frozen
-from student.context import Context, kwargs_of
+from student.context import Context, denoisers
 from student.model import CausalStudent
 from teacher.encoders import pixels_to_uint8
 
@@ -204,12 +204,12 @@ class DMDStage:
         picked = [data.history(by_id[i], shot, s.context_strategy, s.context_frames) for i in batch["record"]]
         return None if picked[0] is None else Context.stack(picked)
 
-    def _score_kwargs(self, shot, batch: dict, k: int) -> dict:
-        """Context arguments of the real score and the critic for shot k."""
+    def _score_context(self, shot, batch: dict, k: int) -> Context | None:
+        """The history the real score and the critic see for shot k."""
         context = shot.context
         if self.inter and k > 0 and self.cfg.dmd.score_context == "ground_truth":
             context = self._ground_truth_context(batch, k)
-        return kwargs_of(context and context.to(self.env.device, self.dtype))
+        return context and context.to(self.env.device, self.dtype)
 
     def step(self, batch: dict, due: frozenset, step: int) -> dict[str, torch.Tensor]:
         """Rollout, then the critic's loss (every step) and the generator's DMD loss (when due)."""
@@ -223,13 +223,15 @@ class DMDStage:
         timesteps = lambda b: draw_timesteps(b, dmd.timestep_shift, dmd.min_t, dmd.max_t, device=device)  # noqa: E731
         gen_losses, norms, critic_losses = [], [], []
         for k, shot in enumerate(shots):
-            kwargs, text = self._score_kwargs(shot, batch, k), shot.text.to(self.dtype)
-            real = lambda x_t, t: self.real(x_t.to(self.dtype), t, text, **kwargs)  # noqa: E731
-            fake = lambda x_t, t: critic(x_t.to(self.dtype), t, text, **kwargs)  # noqa: E731
+            context, text = self._score_context(shot, batch, k), shot.text.to(self.dtype)
+            real_cond, real_uncond = denoisers(self.real, context, cfg.sampler.negative_scope)
+            fake_cond, _ = denoisers(critic, context, cfg.sampler.negative_scope)
+            real = lambda x_t, t: real_cond(x_t.to(self.dtype), t, text)  # noqa: E731
+            fake = lambda x_t, t: fake_cond(x_t.to(self.dtype), t, text)  # noqa: E731
             uncond = None
             if dmd.guidance != 0:
                 neg = self.negative.expand(text.shape[0], -1, -1)
-                uncond = lambda x_t, t: self.real(x_t.to(self.dtype), t, neg, **kwargs)  # noqa: E731
+                uncond = lambda x_t, t: real_uncond(x_t.to(self.dtype), t, neg)  # noqa: E731
             if "generator" in due:
                 g = generator_loss(shot.x, real, fake, timesteps(text.shape[0]), torch.randn_like(shot.x),
                                    uncond, dmd.guidance)

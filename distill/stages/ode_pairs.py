@@ -40,7 +40,7 @@ from distill import layout
 from distill.data.shards import INDEX, read_json, shard_name, write_json, write_shard
 from distill.models import check_student_keys, student_timesteps
 from distill.seeds import derive_seed
-from student.context import Context, kwargs_of
+from student.context import Context, denoisers
 from teacher.sampler import draw_noise, sample
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -62,14 +62,13 @@ def teacher_fingerprint(model_dir: Path) -> str:
 
 
 def sample_pair(teacher, item: dict, noise: torch.Tensor, negative: torch.Tensor | None,
-                ode: DictConfig, keep: list[float]):
+                ode: DictConfig, keep: list[float], negative_scope: str):
     """The teacher's sampler on one dataset item from `noise` [1, C, F, h, w] (its dtype is the
     model's); returns the sampler's `SampleResult` (x0 [1, ...], trajectory [K, 1, ...])."""
     device, dtype = noise.device, noise.dtype
     context = item["context"].nonempty
-    extra = kwargs_of(context and Context.stack([context]).to(device, dtype))
-    denoise = lambda x, t, txt: teacher(x, t, txt, **extra)  # noqa: E731
-    return sample(denoise, item["text"][None].to(device, dtype), noise, negative_text=negative,
+    cond, uncond = denoisers(teacher, context and Context.stack([context]).to(device, dtype), negative_scope)
+    return sample(cond, item["text"][None].to(device, dtype), noise, negative_text=negative, negative_denoiser=uncond,
                   guidance_scale=ode.guidance_scale, steps=ode.steps, shift=ode.shift, keep_timesteps=keep)
 
 
@@ -90,8 +89,8 @@ class OdePairsStage:
 
     folder = "ode-pairs"
     produces = "ode_pairs"
-    reads = ("deepspeed", "data.prepared", "data.context", "codec", "text_encoder", "sampler.negative_prompt", "ode",
-             "student", "model.attention")
+    reads = ("deepspeed", "data.prepared", "data.context", "codec", "text_encoder", "sampler.negative_prompt",
+             "sampler.negative_scope", "ode", "student", "model.attention")
 
     @staticmethod
     def check(cfg: DictConfig) -> None:
@@ -116,6 +115,7 @@ class OdePairsStage:
         return {"format": FORMAT, "seed": self.cfg.run.seed, "pairs": o.pairs, "pairs_per_shard": o.pairs_per_shard,
                 "steps": o.steps, "shift": o.shift, "guidance_scale": o.guidance_scale, "dtype": o.dtype,
                 "negative_prompt": self.cfg.sampler.negative_prompt if o.guidance_scale != 1.0 else None,
+                "negative_scope": self.cfg.sampler.negative_scope if o.guidance_scale != 1.0 else None,
                 "timesteps": student_timesteps(self.cfg), "teacher": teacher_fingerprint(model_dir),
                 "items": len(dataset), "prepared": dataset.data.settings,
                 "compute_dtype": str(self.ctx.env.dtype(self.cfg.deepspeed.bf16)).removeprefix("torch.")}
@@ -175,7 +175,7 @@ class OdePairsStage:
                     j = i % len(dataset)
                     item = dataset[j]
                     noise = pair_noise(cfg.run.seed, i, item["latents"].shape, dtype, env.device)
-                    result = sample_pair(teacher, item, noise, negative, cfg.ode, keep)
+                    result = sample_pair(teacher, item, noise, negative, cfg.ode, keep, cfg.sampler.negative_scope)
                     tensors.update(pair_tensors(slot, item, noise, result, store))
                     pairs.append({"pair": i, "item": j, "record": item["record"],
                                   "target_shot": int(item["target_shot"]),

@@ -6,6 +6,8 @@ target frames, so the rectified-flow loss ‖v - (ε - x0)‖² covers target to
 probability `teacher.context_dropout` a whole micro-batch trains without its context (per batch, not
 per sample: the samples of a batch share one sequence length, and a mixed batch would need padding
 and attention masks the Wan blocks do not take); that is what lets samplers run without a history.
+With probability `teacher.text_dropout` a sample trains with every frame's text zeroed (the official
+release drops 10%), which trains the unconditional branch that CFG uses in ODE pairs and DMD.
 
 Timesteps are stratified: sample i of step s falls in stratum (s·B + i) mod K of K equal-probability
 strata of u ∈ [0, 1), drawn uniformly inside it, then shifted by `teacher.timestep_shift`. Every
@@ -29,6 +31,7 @@ from distill.data.components import shot_stream
 from distill.logging import log_final
 from distill.models import build_teacher
 from distill.trainer import TrainedModel, Trainer
+from student.context import Context, kwargs_of
 from teacher.flow import NUM_TRAIN_TIMESTEPS, add_noise, shift_timestep, velocity_target
 from teacher.model import NextShotTeacher
 
@@ -77,8 +80,9 @@ class TeacherStage:
     def check(cfg: DictConfig) -> None:
         """Teacher keys that omegaconf cannot range-check, before any compute."""
         t = cfg.teacher
-        if not 0.0 <= t.context_dropout <= 1.0:
-            raise ValueError(f"teacher.context_dropout must be in [0, 1], got {t.context_dropout}")
+        for name in ("context_dropout", "text_dropout"):
+            if not 0.0 <= t[name] <= 1.0:
+                raise ValueError(f"teacher.{name} must be in [0, 1], got {t[name]}")
         if t.timestep_shift <= 0 or cfg.sampler.shift <= 0:
             raise ValueError("teacher.timestep_shift and sampler.shift must be > 0")
         if t.loss_buckets < 1 or t.eval_samples < 0 or cfg.sampler.steps < 1:
@@ -116,11 +120,27 @@ class TeacherStage:
         x_t = add_noise(x0, noise, t)
         context = batch["context"].nonempty
         use_context = context is not None and bool(torch.rand(()) >= self.cfg.teacher.context_dropout)
-        extra = context.to(device, dtype).kwargs() if use_context else {}
-        v = engine(x_t.to(dtype), t, batch["text"].to(device, dtype), **extra)
+        context = context.to(device, dtype) if use_context else None
+        text, context, dropped = drop_text(batch["text"].to(device, dtype), context, self.cfg.teacher.text_dropout)
+        v = engine(x_t.to(dtype), t, text, **kwargs_of(context))
         per_sample = (v.float() - velocity_target(x0, noise)).pow(2).flatten(1).mean(1)
         return {"teacher": per_sample.mean(), "context_used": torch.tensor(float(use_context)),
-                **self.timesteps.record(step, strata, per_sample)}
+                "text_dropped": dropped.float().mean(), **self.timesteps.record(step, strata, per_sample)}
+
+
+def drop_text(text: torch.Tensor, context: Context | None, p: float
+              ) -> tuple[torch.Tensor, Context | None, torch.Tensor]:
+    """Text dropout: each sample, with probability p, trains with every frame's text zeroed, the target's
+    and its context frames' (the unconditional branch of CFG, `sampler.negative_scope: all`); returns
+    (text, context, which samples dropped [B])."""
+    if p == 0:  # no draw: runs without dropout keep their random stream
+        return text, context, torch.zeros(text.shape[0], dtype=torch.bool)
+    dropped = torch.rand(text.shape[0]) < p
+    keep = (~dropped).to(text.device, text.dtype)
+    text = text * keep[:, None, None]
+    if context is not None:
+        context = Context(context.latents, context.texts * keep[:, None, None, None], context.shots)
+    return text, context, dropped
 
 
 def trainable_teacher(cfg: DictConfig) -> NextShotTeacher:
