@@ -259,6 +259,8 @@ class OdeConfig:
 
 @dataclass
 class CausalInitConfig:
+    text_dropout: float = key(0.0, "probability a pair trains with every frame's text zeroed (as teacher.text_dropout); "
+                              "off by default: the targets are the teacher's guided, conditional samples")
     clean_level: bool = key(True, "a chunk may also draw t = 0: the clean latent as input, no loss (the official "
                             "[1000, 740, 500, 260, 0] lists): the student meets clean history, what its cache holds")
     teacher_from: str = key("teacher", "stage folder (listed in `needs:`) whose trained teacher the student starts as")
@@ -372,14 +374,19 @@ class Recipe:
 
 
 def read_yaml(path: Path) -> dict:
+    from teacher.files import read_text
+
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: recipe not found") from None
+        text = read_text(path, "recipe")
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = " ".join(filter(None, (getattr(e, "problem", None), getattr(e, "context", None))))
+        raise ConfigError(f"{where}: invalid YAML: {what or str(e).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -120,3 +120,18 @@ def pick_context(lengths: Sequence[int], strategy: str, budget: int, frame: Fram
     if latents.ndim == 5:
         shots = shots.expand(latents.shape[0], -1)
     return Context(latents, texts, shots.to(latents.device))
+
+
+def drop_text(text: torch.Tensor, context: Context | None, p: float
+              ) -> tuple[torch.Tensor, Context | None, torch.Tensor]:
+    """Text dropout: each sample, with probability p, trains with every frame's text zeroed, the target's
+    and its context frames' (the unconditional branch of CFG, `sampler.negative_scope: all`); returns
+    (text, context, which samples dropped [B])."""
+    if p == 0:  # no draw: runs without dropout keep their random stream
+        return text, context, torch.zeros(text.shape[0], dtype=torch.bool)
+    dropped = torch.rand(text.shape[0]) < p
+    keep = (~dropped).to(text.device, text.dtype)
+    text = text * keep[:, None, None]
+    if context is not None:
+        context = Context(context.latents, context.texts * keep[:, None, None, None], context.shots)
+    return text, context, dropped

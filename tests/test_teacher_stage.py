@@ -233,7 +233,7 @@ def test_tiny_teacher_recipe_end_to_end(tmp_path):
 
 
 def test_text_dropout_zeroes_every_frames_text_of_the_dropped_samples():
-    from distill.stages.teacher import drop_text
+    from student.context import drop_text
 
     text = torch.randn(64, 5, 8)
     context = Context(torch.randn(64, 4, 3, 2, 2), torch.randn(64, 3, 5, 8), torch.tensor([[0, 0, 1]] * 64))

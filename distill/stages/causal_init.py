@@ -39,7 +39,7 @@ from distill.eval.run import EvalRun
 from distill.logging import log_final
 from distill.models import build_student, check_student_keys, load_teacher, save_stage_student, student_timesteps
 from distill.trainer import TrainedModel, Trainer, gathered
-from student.context import kwargs_of
+from student.context import drop_text, kwargs_of
 from teacher.flow import x0_from_velocity
 
 
@@ -76,6 +76,8 @@ class CausalInitStage:
         """Student keys omegaconf cannot range-check, before any compute."""
         if cfg.causal_init.eval_pairs < 0:
             raise ValueError(f"causal_init.eval_pairs must be >= 0, got {cfg.causal_init.eval_pairs}")
+        if not 0.0 <= cfg.causal_init.text_dropout <= 1.0:
+            raise ValueError(f"causal_init.text_dropout must be in [0, 1], got {cfg.causal_init.text_dropout}")
         check_student_keys(cfg)
 
     def __init__(self, cfg: DictConfig, ctx) -> None:
@@ -121,8 +123,9 @@ class CausalInitStage:
         clean = batch["x0"] if self.cfg.causal_init.clean_level else None
         x_t, t, _ = chunk_inputs(batch["trajectory"], self.timesteps, self.cfg.student.chunk_frames, clean)
         x_t, t = x_t.to(device), t.to(device)
-        context = kwargs_of(batch["context"].nonempty and batch["context"].to(device, dtype))
-        v = engine(x_t.to(dtype), t, batch["text"].to(device, dtype), **context)
+        context = batch["context"].nonempty and batch["context"].to(device, dtype)
+        text, context, _ = drop_text(batch["text"].to(device, dtype), context, self.cfg.causal_init.text_dropout)
+        v = engine(x_t.to(dtype), t, text, **kwargs_of(context))
         x0 = x0_from_velocity(x_t, v.float(), t)
         noisy = (t > 0).float()[:, None, :, None, None]  # [B, 1, F, 1, 1]: the frames that carry loss
         error = (x0 - batch["x0"].to(device)).pow(2) * noisy

@@ -31,7 +31,7 @@ from distill.data.components import shot_stream
 from distill.logging import log_final
 from distill.models import build_teacher
 from distill.trainer import TrainedModel, Trainer
-from student.context import Context, kwargs_of
+from student.context import drop_text, kwargs_of
 from teacher.flow import NUM_TRAIN_TIMESTEPS, add_noise, shift_timestep, velocity_target
 from teacher.model import NextShotTeacher
 
@@ -126,21 +126,6 @@ class TeacherStage:
         per_sample = (v.float() - velocity_target(x0, noise)).pow(2).flatten(1).mean(1)
         return {"teacher": per_sample.mean(), "context_used": torch.tensor(float(use_context)),
                 "text_dropped": dropped.float().mean(), **self.timesteps.record(step, strata, per_sample)}
-
-
-def drop_text(text: torch.Tensor, context: Context | None, p: float
-              ) -> tuple[torch.Tensor, Context | None, torch.Tensor]:
-    """Text dropout: each sample, with probability p, trains with every frame's text zeroed, the target's
-    and its context frames' (the unconditional branch of CFG, `sampler.negative_scope: all`); returns
-    (text, context, which samples dropped [B])."""
-    if p == 0:  # no draw: runs without dropout keep their random stream
-        return text, context, torch.zeros(text.shape[0], dtype=torch.bool)
-    dropped = torch.rand(text.shape[0]) < p
-    keep = (~dropped).to(text.device, text.dtype)
-    text = text * keep[:, None, None]
-    if context is not None:
-        context = Context(context.latents, context.texts * keep[:, None, None, None], context.shots)
-    return text, context, dropped
 
 
 def trainable_teacher(cfg: DictConfig) -> NextShotTeacher:
