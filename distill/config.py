@@ -259,7 +259,8 @@ class OdeConfig:
 
 @dataclass
 class CausalInitConfig:
-    text_dropout: float = key(0.0, "probability a pair trains with every frame's text zeroed (as teacher.text_dropout); "
+    text_dropout: float = key(0.0, "probability a pair trains with every frame's text zeroed (as "
+                              "teacher.text_dropout); "
                               "off by default: the targets are the teacher's guided, conditional samples")
     clean_level: bool = key(True, "a chunk may also draw t = 0: the clean latent as input, no loss (the official "
                             "[1000, 740, 500, 260, 0] lists): the student meets clean history, what its cache holds")
