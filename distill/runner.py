@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,6 +87,9 @@ def _stage_node(node: Node) -> None:
     check = getattr(node.cls, "check", None)
     if check is not None:
         check(node.cfg)  # a stage's own validation, still before any compute
+    if node.cfg.train.steps < 1 and any(p in ("", "train", "train.steps") for p in keys.stage_reads(node.cls)):
+        raise ConfigError(f"{node.path}: train.steps={node.cfg.train.steps} must be >= 1: stage {node.folder} "
+                          "trains (with 0 steps it would finish an untrained model)")
 
 
 def _stages(node: Node) -> list[Node]:
@@ -132,6 +136,7 @@ class Runner:
         if finished is not None:
             self.summary[node.folder] = {**finished, "status": "done earlier"}
             return
+        self._say_discarded(node, stage_dir)
         self._write(stage_dir / layout.CONFIG, to_yaml(node.cfg))
         self.barrier()
         ctx = StageContext(run_dir=self.run_dir, stage_dir=stage_dir,
@@ -152,6 +157,15 @@ class Runner:
         self._write(stage_dir / layout.DONE, json.dumps(record, indent=2) + "\n")  # last: marks finished
         self.barrier()
         self.summary[node.folder] = {**record, "status": "ran"}
+
+    def _say_discarded(self, node: Node, stage_dir: Path) -> None:
+        """resume=never starts the stage over: name the committed checkpoints that go."""
+        from distill.checkpoint import committed
+        found = committed(stage_dir / layout.CHECKPOINTS) if node.cfg.resume == "never" else []
+        if found and self.env.is_main:
+            steps = ", ".join(str(step) for step, _ in found)
+            print(f"shotdistill: resume=never: stage {node.folder} starts over, discarding {len(found)} committed "
+                  f"checkpoint(s) (steps {steps}) in {stage_dir / layout.CHECKPOINTS}", file=sys.stderr, flush=True)
 
 
 def format_summary(summary: dict[str, dict]) -> str:

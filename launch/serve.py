@@ -37,10 +37,9 @@ def export(args: argparse.Namespace) -> int:
 
 def read_shots_file(path: str) -> list[str]:
     """Prompts of a --shots file, one per line; a blank line in the middle is an error."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: shots file not found") from None
+    from teacher.files import read_text
+
+    lines = read_text(path, "shots file").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     for number, line in enumerate(lines, 1):

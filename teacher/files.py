@@ -8,6 +8,9 @@ none) and a stray temporary that a later attempt removes; readers never see half
 - `atomic_file(path)`: for writers that stream into a path themselves (safetensors' `save_file`,
   PyAV): yields the temporary path, fsyncs and renames it on success, removes it on error.
 - `temp_path(path)`: the temporary path alone, for writers that commit later (`student.video`).
+- A write that fails for want of space (or any OSError that names no file) is re-raised naming the
+  path it was writing; the temporary is removed. `read_text(path, what)` reads a UTF-8 text file
+  that a user names (recipe, prompts) with one-line errors naming it.
 - `atomic_folder(folder)`: a folder built under a temporary name and swapped into place. It leaves a
   small `FOLDER_MARKER` file inside, and it replaces an existing folder only when that folder is
   empty or holds the marker (or a file the caller names as its own, `ours`): nothing a command did
@@ -32,6 +35,28 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _named(error: OSError, path: Path) -> OSError:
+    """`error` itself when it names a file, else the same error naming `path` (ENOSPC from a write)."""
+    if error.filename is not None or error.errno is None:
+        return error
+    return type(error)(error.errno, error.strerror or os.strerror(error.errno), str(path))
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The UTF-8 text of `path`; a missing file, a folder or bytes that are not UTF-8 raise one line
+    naming `path` and `what` it should be."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not a {what}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: {what} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start})") from None
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -49,6 +74,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _named(e, path) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -64,6 +92,9 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _named(e, path) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -107,6 +138,9 @@ def atomic_folder(folder: str | os.PathLike, ours: Iterable[str] = ()) -> Iterat
         yield tmp
         (tmp / FOLDER_MARKER).write_text("written by shotdistill: a later write may replace this folder\n")
         check_replaceable(final, ours)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _named(e, final) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

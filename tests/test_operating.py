@@ -144,3 +144,85 @@ def test_second_run_into_a_locked_folder_fails_at_once_naming_the_holder(tmp_pat
         os.close(holder)
     assert main(["run", str(recipe)]) == 0       # released: the run goes ahead, and releases it in turn
     os.close(lock_run(run))
+
+
+# --------------------------------------------------------------------------- item 11: validation that matches the keys' meaning
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.steps=0", "train.steps=0 must be >= 1: stage toy trains"),
+    ("train.max_bad_steps=0", "train.max_bad_steps=0 must be >= 1"),
+    ("optim.critic.lr=-1", "optim.critic.lr=-1.0 must be >= 0"),
+    ("data.height=0", "data.height=0 must be >= 1"),
+    ("data.width=-4", "data.width=-4 must be >= 1"),
+    ("data.fps=0", "data.fps=0.0 must be > 0"),
+])
+def test_values_outside_their_meaning_fail_before_compute_naming_the_key(tmp_path, toy_recipe, capsys, override,
+                                                                        named):
+    recipe = toy_recipe(tmp_path)
+    assert main(["run", str(recipe), override]) == 1
+    assert _one_error(capsys) == f"shotdistill: error: {recipe}: {named}" + (
+        " (with 0 steps it would finish an untrained model)" if override == "train.steps=0" else "")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_yaml_errors_keep_line_and_column(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("stage: toy_stage:ToyStage\ntrain:\n  steps: [1, 2\n  micro_batch: 3\n")
+    assert main(["run", str(recipe)]) == 1
+    assert _one_error(capsys).startswith(f"shotdistill: error: {recipe}:4:14: invalid YAML: ")
+
+
+def test_unreadable_text_files_name_the_file(tmp_path, capsys):
+    from distill.eval.prompts import load_prompts
+    from launch.serve import read_shots_file
+
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes("wide: the café at night\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{latin1}: shots file is not UTF-8 text"):
+        read_shots_file(str(latin1))
+    with pytest.raises(ValueError, match=f"{latin1}: prompts file is not UTF-8 text"):
+        load_prompts(latin1)
+    assert main(["run", str(latin1)]) == 1
+    assert _one_error(capsys).startswith(f"shotdistill: error: {latin1}: recipe is not UTF-8 text")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    assert main(["data", "prepare", str(folder), "--out", str(tmp_path / "prepared")]) == 1
+    assert f"data.manifest={str(folder)!r} is a folder" in _one_error(capsys)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_disk_full_names_the_path_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from teacher import files
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(files.os, "fsync", full)
+        with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / 'a.json'}'"):
+            files.write_atomic(tmp_path / "a.json", "{}")
+    with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / 'model'}'"):
+        with files.atomic_folder(tmp_path / "model") as tmp:
+            full()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_never_says_what_it_discards(tmp_path, toy_recipe, capsys):
+    recipe = toy_recipe(tmp_path, train={"steps": 2, "checkpoint_every": 1})
+    assert main(["run", str(recipe)]) == 0
+    stage = tmp_path / "runs" / "toy" / "toy"
+    (stage / "DONE").unlink()                                      # as if it had stopped after step 2
+    capsys.readouterr()
+    assert main(["run", str(recipe), "resume=never"]) == 0
+    assert (f"shotdistill: resume=never: stage toy starts over, discarding 2 committed checkpoint(s) (steps 1, 2) "
+            f"in {stage / 'checkpoints'}") in capsys.readouterr().err.splitlines()

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from teacher.files import read_text
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -45,10 +47,7 @@ def _prompt_line(raw: object, where: str) -> Prompt:
 def load_prompts(path: str | Path) -> list[Prompt]:
     """Prompts of a JSONL file (see module doc); a bad line fails naming file and line."""
     path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: prompts file not found") from None
+    lines = read_text(path, "prompts file").splitlines()  # one line naming the file: missing, a folder, not UTF-8
     prompts = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
