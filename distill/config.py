@@ -73,7 +73,12 @@ class TrainConfig:
     grad_accum: int = key(1, "micro-batches accumulated into one optimizer step")
     checkpoint_every: int = key(50, "save a checkpoint every N steps (and at the end)")
     keep_checkpoints: int = key(2, "how many committed checkpoints to keep (oldest deleted)")
-    max_bad_steps: int = key(5, "consecutive non-finite steps tolerated before the run aborts")
+    max_bad_steps: int = key(5, "bad steps (a non-finite or spiking loss or grad norm) within the last "
+                             "train.bad_window steps that stop the run")
+    bad_window: int = key(50, "steps over which bad steps are counted, and finite values per loss and grad "
+                          "norm that a spike is judged against")
+    spike_factor: float = key(100.0, "a loss or grad norm above this times the median of its last "
+                              "train.bad_window values makes the step bad (a loss spike skips the update); 0: off")
     gradient_checkpointing: bool = key(False, "recompute block activations in backward to save memory")
 
 
@@ -205,10 +210,13 @@ class TeacherConfig:
     captions: str = choice("multi", ("multi", "target_only"),
                            "multi: context frames attend to their own shot text; target_only: all use the target's")
     positions: str = choice("shot_rope", ("shot_rope", "sequential"),
-                            "shot_rope: frame t of shot k at temporal position t + k*theta")
-    theta: float = key(1.0 / 6.0, "shot RoPE offset per shot")
+                            "shot_rope: every temporal RoPE band of shot k's frames turns by the phase k*theta "
+                            "(ShotStream); sequential: frame positions alone (Table 4's 'no indicator')")
+    theta: float = key(1.0 / 6.0, "shot RoPE phase per shot, in radians (ShotStream: 1/6)")
     trainable: str = choice("self_attention", ("self_attention", "all"),
                             "parameters trained: the blocks' self-attention only, or everything")
+    context_timestep: str = choice("zero", ("zero", "target"), "the clean context tokens' timestep: 0 (ours) or the "
+                                   "target's (the official ShotStream teacher's convention)")
     context_dropout: float = key(0.1, "probability a micro-batch trains without its context")
     text_dropout: float = key(0.1, "probability a sample trains with every frame's text zeroed (the official "
                               "release: 10%), the unconditional branch CFG needs in ODE pairs and DMD")

@@ -90,7 +90,7 @@ def teacher_settings(cfg: DictConfig) -> dict:
     """NextShotTeacher keyword settings from `teacher.*`."""
     t = cfg.teacher
     return dict(injection=t.injection, captions=t.captions, positions=t.positions, theta=t.theta,
-                trainable=t.trainable)
+                trainable=t.trainable, context_timestep=t.context_timestep)
 
 
 def use_attention(model: NextShotTeacher | CausalStudent, backend: str) -> NextShotTeacher | CausalStudent:

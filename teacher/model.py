@@ -12,6 +12,8 @@ Context injection (ShotStream §4.1, Table 3):
 
 Captions: "multi" — each context frame cross-attends to its own shot's text (`context_text`),
 target frames to `text`; "target_only" — every frame uses `text`.
+Context timestep: "zero" — the clean context tokens run at t = 0; "target" — at the target's
+timestep (the official ShotStream teacher's convention; the context stays clean either way).
 Positions: "shot_rope" — frame t of shot k turns every temporal RoPE band by the phase k·θ on top
 of its angle at t (teacher/rope.py); "sequential" — t alone.
 """
@@ -35,9 +37,10 @@ CHOICES = {
     "captions": ("multi", "target_only"),
     "positions": ("shot_rope", "sequential"),
     "trainable": ("self_attention", "all"),
+    "context_timestep": ("zero", "target"),
 }
 DEFAULTS = {"injection": "frame_concat", "captions": "multi", "positions": "shot_rope",
-            "theta": 1.0 / 6.0, "trainable": "self_attention"}
+            "theta": 1.0 / 6.0, "trainable": "self_attention", "context_timestep": "zero"}
 
 
 class NextShotTeacher(nn.Module):
@@ -45,14 +48,14 @@ class NextShotTeacher(nn.Module):
 
     def __init__(self, transformer: nn.Module, injection: str = "frame_concat", captions: str = "multi",
                  positions: str = "shot_rope", theta: float = 1.0 / 6.0,
-                 trainable: str = "self_attention") -> None:
+                 trainable: str = "self_attention", context_timestep: str = "zero") -> None:
         super().__init__()
-        for key, value in (("injection", injection), ("captions", captions),
-                           ("positions", positions), ("trainable", trainable)):
+        for key, value in (("injection", injection), ("captions", captions), ("positions", positions),
+                           ("trainable", trainable), ("context_timestep", context_timestep)):
             if value not in CHOICES[key]:
                 raise ValueError(f"teacher {key} must be one of {list(CHOICES[key])}; got {value!r}")
         self.injection, self.captions, self.positions = injection, captions, positions
-        self.theta, self.trainable = float(theta), trainable
+        self.theta, self.trainable, self.context_timestep = float(theta), trainable, context_timestep
         self.transformer = transformer
         self.latent_channels = transformer.config.out_channels or transformer.config.in_channels
         self._fit_patch_embedding()
@@ -103,7 +106,7 @@ class NextShotTeacher(nn.Module):
     def settings(self) -> dict:
         """Our own settings (saved next to the diffusers config)."""
         return {"injection": self.injection, "captions": self.captions, "positions": self.positions,
-                "theta": self.theta, "trainable": self.trainable}
+                "theta": self.theta, "trainable": self.trainable, "context_timestep": self.context_timestep}
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write the diffusers folder plus our settings json; the folder appears complete or not at all."""
@@ -158,10 +161,16 @@ class NextShotTeacher(nn.Module):
             latents = torch.cat([context.to(noisy.dtype), noisy], dim=2)
             if timestep.ndim == 1:
                 timestep = timestep.unsqueeze(1).expand(-1, frames)
-            clean = timestep.new_zeros(noisy.shape[0], context.shape[2])
-            timesteps = torch.cat([clean, timestep], dim=1)
+            timesteps = torch.cat([self._context_timesteps(timestep, context.shape[2]), timestep], dim=1)
         text_kv, frame_text = self._text(text, context, context_text, frames)
         return self.backbone(latents, timesteps, positions, text_kv, frame_text, out_frames=frames, phases=phases)
+
+    def _context_timesteps(self, timestep: torch.Tensor, frames: int) -> torch.Tensor:
+        """[B, Fc]: the clean context's timestep, 0 ("zero") or the target's first frame's ("target", as
+        the official teacher was trained)."""
+        if self.context_timestep == "zero":
+            return timestep.new_zeros(timestep.shape[0], frames)
+        return timestep[:, :1].expand(-1, frames)
 
     def _check_inputs(self, noisy, timestep, text, context, context_text) -> None:
         """Shape checks whose messages name the offending tensors and what the model expects."""

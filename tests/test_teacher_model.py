@@ -182,3 +182,20 @@ def test_bf16_cuda_matches_diffusers(folder):
         assert (ref - teacher(noisy, t, text).float()).abs().max().item() <= 1e-2 * ref.abs().max().item()
         out = teacher(noisy, t, text, context.bfloat16(), context_text.bfloat16())
     assert out.shape == noisy.shape and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_context_timestep_target_runs_the_clean_context_at_the_targets_timestep(folder, monkeypatch):
+    teacher = NextShotTeacher.from_pretrained(folder, context_timestep="target")
+    noisy, t, text, context, context_text = _inputs()
+    seen = {}
+    original = teacher.backbone.conditioning
+
+    def spy(timesteps, positions, grid, dtype, phases=None):
+        seen["timesteps"] = timesteps
+        return original(timesteps, positions, grid, dtype, phases)
+
+    monkeypatch.setattr(teacher.backbone, "conditioning", spy)
+    with torch.no_grad():
+        teacher(noisy, t, text, context, context_text)
+    assert torch.equal(seen["timesteps"], t[:, None].expand(2, 8))  # context frames too
+    assert teacher.settings()["context_timestep"] == "target"
