@@ -120,7 +120,17 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="launch.evaluate:compare")
 
 
-SUBCOMMANDS = [_add_run, _add_launch, _add_slurm, _add_config, _add_data, _add_export, _add_generate,
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="memory per GPU of every stage of a recipe, before queueing (estimates)")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) of the job")
+    p.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 141GB (default 80GiB)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (CPU offload is per node)")
+    p.set_defaults(handler="launch.plan:plan")
+
+
+SUBCOMMANDS = [_add_run, _add_launch, _add_slurm, _add_plan, _add_config, _add_data, _add_export, _add_generate,
                _add_eval, _add_compare]
 
 
