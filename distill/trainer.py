@@ -2,9 +2,15 @@
 
 A stage hands the trainer its trained models (`TrainedModel`: name, module, update every N steps),
 a resumable data source and a step function that returns the losses of the models due this step.
-The trainer owns everything else: backward and gradient accumulation, the non-finite check (agreed
+The trainer owns everything else: backward and gradient accumulation, the bad-step checks (agreed
 across ranks before anything steps), clipping and warmup, our single step counter, TensorBoard,
 checkpoints, preemption signals and resume.
+
+A step is bad when a loss or gradient norm is not finite or spikes: above `train.spike_factor` ×
+the median of its last `train.bad_window` finite values. A bad loss skips every update of the step
+(the gradient norm is known only once its engine has stepped, so a gradient spike is counted, not
+undone). `train.max_bad_steps` bad steps within the last `train.bad_window` stop the run, and no
+checkpoint is saved or pruned while the newest step is bad, so the last good checkpoint survives.
 """
 
 from __future__ import annotations
@@ -64,7 +70,53 @@ class Preempted(Exception):
 
 
 class TooManyBadSteps(RuntimeError):
-    """`train.max_bad_steps` non-finite steps in a row."""
+    """`train.max_bad_steps` bad steps (non-finite or spiking) within `train.bad_window` steps."""
+
+
+SPIKE_HISTORY = 5  # finite values a series needs before its spikes are judged
+
+
+class BadSteps:
+    """The bad-step bookkeeping: which of the last `window` steps were bad (and why), and each
+    watched series' last `window` finite values, the reference its spikes are judged against.
+    Plain lists and numbers only, so it checkpoints and resumes exactly."""
+
+    def __init__(self, factor: float, window: int):
+        self.factor, self.window = factor, window
+        self.recent: list[int] = []               # 1 per bad step, 0 per good one, newest last
+        self.values: dict[str, list[float]] = {}  # series name -> last finite values
+        self.reasons: list[str] = []              # why the newest bad steps were bad
+
+    def spike(self, name: str, value: float) -> str | None:
+        """Why `value` of series `name` spikes, or None (non-finite values are judged elsewhere)."""
+        history = self.values.get(name, [])
+        if self.factor <= 0 or len(history) < SPIKE_HISTORY or not math.isfinite(value):
+            return None
+        median = sorted(history)[len(history) // 2]
+        if median > 0 and value > self.factor * median:
+            return f"{name}={value:.4g} is over {self.factor:g}x its median {median:.4g}"
+        return None
+
+    def observe(self, name: str, value: float) -> None:
+        if math.isfinite(value):
+            self.values[name] = (self.values.get(name, []) + [float(value)])[-self.window:]
+
+    def count(self, step: int, reasons: list[str]) -> None:
+        self.recent = (self.recent + [int(bool(reasons))])[-self.window:]
+        if reasons:
+            self.reasons = (self.reasons + [f"step {step}: {'; '.join(reasons)}"])[-3:]
+
+    @property
+    def in_window(self) -> int:
+        return sum(self.recent)
+
+    def state_dict(self) -> dict:
+        return {"recent": list(self.recent), "values": {k: list(v) for k, v in self.values.items()},
+                "reasons": list(self.reasons)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent, self.reasons = list(state["recent"]), list(state["reasons"])
+        self.values = {k: list(v) for k, v in state["values"].items()}
 
 
 class Warmup:
@@ -195,6 +247,8 @@ class Trainer:
         self.step = 0  # our one step counter (each engine keeps its own, which we ignore)
         self.bad_total = 0
         self.bad_streak = 0
+        self.bad = BadSteps(cfg.train.spike_factor, cfg.train.bad_window)
+        self.reasons: list[str] = []  # why the newest step was bad
         self.last: dict[str, float] = {}
         self.ckpt_root = Path(ctx.stage_dir) / layout.CHECKPOINTS
         # Models are built alike on every rank (runner seeded run.seed); noise differs per rank.
@@ -204,7 +258,7 @@ class Trainer:
 
     def _client_state(self) -> dict:
         return {"step": self.step, "bad_total": self.bad_total, "bad_streak": self.bad_streak,
-                "last": dict(self.last), "data": self.data.state_dict(),
+                "bad_steps": self.bad.state_dict(), "last": dict(self.last), "data": self.data.state_dict(),
                 "warmup": {n: w.state_dict() for n, w in self.warmup.items()},
                 "extra": {n: obj.state_dict() for n, obj in self.extra_state.items()}}
 
@@ -271,6 +325,8 @@ class Trainer:
         checkpoint.restore_rng(state.pop("rng"))
         self.step, self.bad_total = state["step"], state["bad_total"]
         self.bad_streak, self.last = state["bad_streak"], state["last"]
+        if "bad_steps" in state:  # checkpoints written before spikes were watched have none
+            self.bad.load_state_dict(state["bad_steps"])
         self.data.load_state_dict(state["data"])
         for name, w in self.warmup.items():
             w.load_state_dict(state["warmup"][name])
@@ -287,8 +343,10 @@ class Trainer:
     def _due(self) -> list[str]:
         return [m.name for m in self.models if self.step % m.every == 0]
 
-    def _micro_step(self, due: list[str], boundary: bool, bad: bool) -> tuple[dict, bool]:
-        """Forward + backward of one micro-batch; return rank-averaged scalars and the bad flag."""
+    def _micro_step(self, due: list[str], boundary: bool, bad: bool,
+                    reasons: list[str]) -> tuple[dict, bool]:
+        """Forward + backward of one micro-batch; return rank-averaged scalars and the bad flag
+        (a loss that is not finite on some rank, or whose rank mean spikes; why goes to `reasons`)."""
         out = self.step_fn(next(self.data), frozenset(due), self.step)
         missing = [n for n in due if n not in out]
         if missing:
@@ -300,14 +358,20 @@ class Trainer:
         nonfinite = (~torch.isfinite(local[:len(due)])).sum().float().reshape(1)
         # One collective per micro-batch: the losses to log and whether any rank saw a NaN/inf.
         stats = all_sum(torch.cat([local, nonfinite]))
-        bad = bad or stats[-1].item() > 0
+        means = {n: v.item() / self.env.world_size for n, v in zip(names, stats[:-1])}
+        if stats[-1].item() > 0:
+            named = [f"{n}/loss" for n in due if not math.isfinite(means[n])]
+            reasons.append(f"{', '.join(named) or 'a loss'} not finite")
+        # every rank sees the same means and history, so every rank judges alike
+        reasons += [why for n in due if not any(r.startswith(f"{n}/loss") for r in reasons)
+                    and (why := self.bad.spike(f"{n}/loss", means[n]))]
+        bad = bad or bool(reasons)
         for name in due:
             engine = self.engines[name]
             engine.set_gradient_accumulation_boundary(boundary)
             # Every rank agreed the step is bad: NaN gradients everywhere route it through
             # DeepSpeed's own overflow path, the one that discards partitioned accumulated grads.
             engine.backward(out[name] * math.nan if bad else out[name])
-        means = {n: v.item() / self.env.world_size for n, v in zip(names, stats[:-1])}
         return means, bad
 
     def _update(self, name: str, bad: bool) -> tuple[float, float, bool]:
@@ -334,39 +398,51 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One step of ours: grad_accum micro-batches for every due model, then their updates."""
-        due, loss_bad, sums = self._due(), False, {}
+        due, loss_bad, sums, reasons = self._due(), False, {}, []
         accum = self.cfg.train.grad_accum
         for micro in range(accum):
-            means, loss_bad = self._micro_step(due, micro == accum - 1, loss_bad)
+            means, loss_bad = self._micro_step(due, micro == accum - 1, loss_bad, reasons)
             for k, v in means.items():
                 sums[k] = sums.get(k, 0.0) + v / accum
-        record, bad = {}, loss_bad
+        record = {}
         for name in due:
             # A bad loss skips every engine; a bad gradient norm skips only its own engine.
             norm, lr, applied = self._update(name, loss_bad)
-            bad = bad or not applied
+            if not applied and not loss_bad:
+                reasons.append(f"{name}/grad_norm is {norm}")
+            elif why := self.bad.spike(f"{name}/grad_norm", norm):
+                reasons.append(why)  # applied already: counted, not undone
             hook = next(m.after_update for m in self.models if m.name == name)
             if applied and hook is not None:
                 hook(self.step)
             record.update({f"{name}/loss": sums.pop(name), f"{name}/grad_norm": norm,
                            f"{name}/lr": lr})
+        for name in due:
+            for series in (f"{name}/loss", f"{name}/grad_norm"):
+                self.bad.observe(series, record[series])
         record.update(sums)
-        return {**record, "bad": float(bad)}
+        self.reasons = reasons
+        return {**record, "bad": float(bool(reasons))}
 
     # ------------------------------------------------------------------ the loop
 
     def _count(self, bad: bool) -> None:
         self.bad_total += int(bad)
         self.bad_streak = self.bad_streak + 1 if bad else 0
+        self.bad.count(self.step, self.reasons if bad else [])
+
+    def _last_committed(self) -> str:
+        done = checkpoint.committed(self.ckpt_root)
+        return str(done[-1][1]) if done else "none"
 
     def _check_streak(self) -> None:
-        if self.bad_streak >= self.cfg.train.max_bad_steps:
-            done = checkpoint.committed(self.ckpt_root)
-            last = done[-1][1] if done else "none"
+        train = self.cfg.train
+        if self.bad.in_window >= train.max_bad_steps:
             raise TooManyBadSteps(
-                f"{self.bad_streak} non-finite steps in a row (train.max_bad_steps="
-                f"{self.cfg.train.max_bad_steps}) at step {self.step}; last committed "
-                f"checkpoint: {last}")
+                f"{self.bad.in_window} bad steps in the last {len(self.bad.recent)} "
+                f"(train.max_bad_steps={train.max_bad_steps}, train.bad_window={train.bad_window}; "
+                f"{self.bad.reasons[-1]}) at step {self.step}; last committed checkpoint: "
+                f"{self._last_committed()}")
 
     def _stop_requested(self, signals: _StopSignals) -> bool:
         """Every rank learns whether any rank was signalled, so all of them stop together."""
@@ -382,6 +458,7 @@ class Trainer:
                           tensorboard=log_cfg.tensorboard, progress=log_cfg.progress,
                           total_steps=train.steps, start_step=start)
         samples = train.micro_batch * train.grad_accum * self.env.world_size
+        pending = False  # a checkpoint the cadence asked for during a bad streak
         try:
             with _StopSignals() as signals:
                 while self.step < train.steps:
@@ -399,9 +476,19 @@ class Trainer:
                     log.advance({k: v for k, v in record.items() if k.endswith("/loss")})
                     self._check_streak()
                     stop = self._stop_requested(signals)
-                    if stop or self.step % train.checkpoint_every == 0 or self.step == train.steps:
+                    due = self.step % train.checkpoint_every == 0 or self.step == train.steps
+                    # Never during a bad streak (the last good checkpoint must survive it): a
+                    # save the cadence asks for then waits for the next good step.
+                    if bad:
+                        pending = pending or due
+                    elif stop or due or pending:
+                        pending = False
                         log.flush()
                         self.save()
+                    if stop and bad:
+                        raise Preempted(f"stopped by signal at step {self.step}, a bad step: no "
+                                        "checkpoint saved; resume=auto continues from "
+                                        f"{self._last_committed()}")
                     if stop:
                         raise Preempted(f"stopped by signal at step {self.step}; checkpoint "
                                         "saved, resume=auto continues from it")

@@ -4,7 +4,9 @@ every fifth, exercising the trainer the way DMD will (two engines, different upd
 Fault injection for tests, read only here: SHOTDISTILL_TOY_KILL_AT=<step> SIGKILLs the process
 (on rank SHOTDISTILL_TOY_KILL_RANK, default 0) when that step starts; SHOTDISTILL_TOY_SIGNAL_AT=
 <step> sends SIGUSR1 (preemption) instead; SHOTDISTILL_TOY_NAN_AT=<s,s> makes rank 0's losses NaN
-at those steps; SHOTDISTILL_TOY_BAD_GRAD_AT=<s,s> keeps the loss finite but its gradient NaN.
+at those steps; SHOTDISTILL_TOY_BAD_GRAD_AT=<s,s> keeps the loss finite but its gradient NaN;
+SHOTDISTILL_TOY_SPIKE_AT=<s,s> multiplies rank 0's losses by 1e6 at those steps;
+SHOTDISTILL_TOY_LR_AT=<step>:<lr> sets every model's peak lr from that step on (a divergence).
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class ToyStage:
         self.nan_at = {int(s) for s in nan.split(",") if s}
         bad_grad = os.environ.get("SHOTDISTILL_TOY_BAD_GRAD_AT", "")
         self.bad_grad_at = {int(s) for s in bad_grad.split(",") if s}
+        spike = os.environ.get("SHOTDISTILL_TOY_SPIKE_AT", "")
+        self.spike_at = {int(s) for s in spike.split(",") if s}
+        lr_at = os.environ.get("SHOTDISTILL_TOY_LR_AT", "")
+        self.lr_at = tuple(float(v) for v in lr_at.split(":")) if lr_at else None
 
     def run(self) -> dict[str, float]:
         env = self.ctx.env
@@ -80,6 +86,9 @@ class ToyStage:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == self.signal_at and rank == self.kill_rank:
             os.kill(os.getpid(), signal.SIGUSR1)
+        if self.lr_at is not None and step >= self.lr_at[0]:
+            for warmup in self.trainer.warmup.values():
+                warmup.peak = self.lr_at[1]
         x, y = (t.to(self.ctx.env.device) for t in batch)
         # Every RNG the checkpoint restores takes part, so a resume that forgot one diverges.
         jitter = random.random() * 1e-3 + float(np.random.rand()) * 1e-3
@@ -90,6 +99,8 @@ class ToyStage:
             loss = torch.nn.functional.mse_loss(pred, target)
             if step in self.bad_grad_at and rank == 0:
                 loss = loss + torch.sqrt((pred - pred.detach()).pow(2).sum())  # + 0, d/dx = NaN
+            if step in self.spike_at and rank == 0:
+                loss = loss * 1e6
             out[name] = loss + math_nan() if step in self.nan_at and rank == 0 else loss
         return out
 
