@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kernels.dispatch import BACKENDS
 from student.settings import NEGATIVE_SCOPES, StudentSettings
-from teacher.context import STRATEGIES
+from teacher.context import CAPTION_LAYOUTS, STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -179,6 +179,10 @@ class TextEncoderConfig:
     path: str = key("", "umt5: a folder holding text_encoder/ and tokenizer/ (a Wan diffusers root)")
     max_tokens: int = key(32, "tokens per caption (Wan: 512); the model's text is global + shot, "
                           "2 x max_tokens long, zero-padded")
+    caption_layout: str = choice("separate", CAPTION_LAYOUTS, "a shot's model text: separate = global and shot "
+                                 "captions each encoded (ours, with teacher.captions: multi); joint = one string "
+                                 "'<global> shot0: <c0> shot1: ...' up to the shot, as the official teacher was "
+                                 "trained (needs teacher.captions: target_only)")
     dim: int = key(32, "tiny_t5: width d_model (= the transformer's text_dim)")
     layers: int = key(2, "tiny_t5: encoder layers")
     heads: int = key(2, "tiny_t5: attention heads")

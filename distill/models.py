@@ -134,7 +134,7 @@ def build_student(cfg: DictConfig, teacher: NextShotTeacher) -> CausalStudent:
         teacher, chunk_frames=s.chunk_frames, copy=False,
         indicator=None if s.indicator == "auto" else s.indicator, local_chunks=s.local_chunks,
         context_frames=cfg.data.context.budget, context_strategy=cfg.data.context.strategy,
-        denoising_steps=list(s.denoising_steps), shift=s.shift)
+        denoising_steps=list(s.denoising_steps), shift=s.shift, caption_layout=cfg.text_encoder.caption_layout)
     student.requires_grad_(True)
     student.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
     return use_attention(student, cfg.model.attention)

@@ -83,6 +83,7 @@ class _Shot:
     rule counts), its model text, and the latents [C, h, w] of the frames the rule may pick."""
 
     frames: int
+    caption: str
     text: torch.Tensor | None
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -187,9 +188,11 @@ class StreamingGenerator:
         self.history_budget = capacity - len(self.references)
 
     # ---- text ------------------------------------------------------------------------------
-    def _model_text(self, caption: str) -> torch.Tensor:
-        """[L, D]: the global prompt ⊕ the caption, the training layout."""
-        return self.text_encoder.shot_text(self.global_prompt, caption).to(self.device)
+    def _model_text(self, caption: str, before: Sequence[str] = ()) -> torch.Tensor:
+        """[L, D]: the model text of `caption` after the shots `before`, in the training layout (the
+        student's `caption_layout`: global prompt ⊕ caption, or the whole prompt so far as one string)."""
+        layout = self.student.settings.caption_layout
+        return self.text_encoder.prompt_text(layout, self.global_prompt, [*before, caption]).to(self.device)
 
     # ---- frame counts ------------------------------------------------------------------------
     def frames_for(self, chunks: int) -> int:
@@ -219,7 +222,8 @@ class StreamingGenerator:
         """Run one shot; it joins the history only if it finishes while still the newest shot."""
         self._epoch += 1
         mine = self._epoch
-        shot = _Shot(frames=self.frames_for(chunks), text=self._model_text(prompt))
+        shot = _Shot(frames=self.frames_for(chunks), caption=prompt,
+                     text=self._model_text(prompt, [s.caption for s in self.shots]))
         keep = set(candidate_frames(shot.frames, self.student.settings.context_strategy, self.history_budget))
         with torch.no_grad():  # not held across a yield: the caller's grad mode stays its own
             self.stream.begin_shot(shot.text.unsqueeze(0), self._context())

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from teacher.context import STRATEGIES
+from teacher.context import CAPTION_LAYOUTS, STRATEGIES
 
 INDICATORS = ("rope_offset", "learnable", "none")
 # what the unconditional (CFG negative) text replaces: every frame's text, or the target's only
@@ -29,6 +29,7 @@ class StudentSettings:
     indicator: str = "rope_offset"
     theta: float = 1.0 / 6.0
     captions: str = "multi"
+    caption_layout: str = "separate"  # how a shot's model text is built (teacher/context.py CAPTION_LAYOUTS)
     denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
     shift: float = 5.0
 
@@ -39,6 +40,9 @@ class StudentSettings:
         if self.context_strategy not in STRATEGIES:
             raise ValueError(f"student context_strategy must be one of {list(STRATEGIES)}; "
                              f"got {self.context_strategy!r}")
+        if self.caption_layout not in CAPTION_LAYOUTS:
+            raise ValueError(f"student caption_layout must be one of {list(CAPTION_LAYOUTS)}; "
+                             f"got {self.caption_layout!r}")
         if self.captions not in ("multi", "target_only"):
             raise ValueError(f"student captions must be 'multi' or 'target_only'; got {self.captions!r}")
         for name in ("chunk_frames", "local_chunks", "context_frames"):

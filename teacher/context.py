@@ -23,6 +23,9 @@ from __future__ import annotations
 from typing import Sequence
 
 STRATEGIES = ("dynamic", "first", "first_last")
+# how a shot's captions become its model text: each caption encoded on its own (ours), or the whole
+# prompt so far as one string (the official ShotStream teacher; teacher/encoders.py)
+CAPTION_LAYOUTS = ("separate", "joint")
 
 
 def evenly_spaced(n: int, k: int) -> list[int]:
@@ -73,3 +76,9 @@ def candidate_frames(n: int, strategy: str, budget: int) -> list[int]:
     """
     counts = {k for s in range(1, budget + 2) for k in frames_per_shot(s, strategy, budget)}
     return sorted({f for k in counts for f in evenly_spaced(n, k)})
+
+
+def joint_caption(global_caption: str, captions: Sequence[str]) -> str:
+    """The official teacher's one-string prompt up to the last of `captions`:
+    `<global> shot0: <c0> shot1: <c1> ...`."""
+    return " ".join([global_caption.strip()] + [f"shot{i}: {c.strip()}" for i, c in enumerate(captions)]).strip()

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from teacher.context import CAPTION_LAYOUTS, joint_caption
 from teacher.files import atomic_folder
 
 # Recipe/export dtype names -> torch dtypes (codecs, text encoders, shards, students).
@@ -189,9 +190,10 @@ class T5TextEncoder:
                 obj.save_pretrained(tmp)
 
     @torch.no_grad()
-    def encode(self, captions: Sequence[str]) -> list[torch.Tensor]:
-        """Per caption, the encoder outputs at its real tokens [n_i, D] (float32, on the CPU)."""
-        batch = self.tokenizer(list(captions), padding="max_length", max_length=self.max_tokens,
+    def encode(self, captions: Sequence[str], max_tokens: int | None = None) -> list[torch.Tensor]:
+        """Per caption, the encoder outputs at its real tokens [n_i, D] (float32, on the CPU), at most
+        `max_tokens` (default: the encoder's) of them."""
+        batch = self.tokenizer(list(captions), padding="max_length", max_length=max_tokens or self.max_tokens,
                                truncation=True, add_special_tokens=True, return_attention_mask=True,
                                return_tensors="pt")
         device = next(self.model.parameters()).device
@@ -212,6 +214,21 @@ class T5TextEncoder:
     def shot_text(self, global_caption: str, caption: str) -> torch.Tensor:
         """[L, D]: a shot's model text, the global caption ⊕ the shot caption (a blank one adds nothing)."""
         return self.model_text([c for c in (global_caption, caption) if c.strip()])
+
+    def joint_text(self, global_caption: str, captions: Sequence[str]) -> torch.Tensor:
+        """[L, D]: the "joint" layout of the official ShotStream teacher: one string, the global caption
+        then `shot{i}: caption` of every shot so far, encoded at once (up to L tokens)."""
+        length = text_length(self.max_tokens)
+        return join_text(self.encode([joint_caption(global_caption, captions)], length), length)
+
+    def prompt_text(self, layout: str, global_caption: str, captions: Sequence[str]) -> torch.Tensor:
+        """[L, D]: the model text of the last of `captions` (the shots so far) in `layout`."""
+        if layout not in CAPTION_LAYOUTS:
+            raise ValueError(f"caption layout must be one of {CAPTION_LAYOUTS}; got {layout!r}")
+        if layout == "joint":
+            return self.joint_text(global_caption, captions)
+        return self.shot_text(global_caption, captions[-1])
+
 
 
 def word_tokenizer(vocabulary: Sequence[str], max_tokens: int):

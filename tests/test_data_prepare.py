@@ -156,3 +156,21 @@ def test_nothing_prepared_or_no_manifest_fails(tmp_path, capsys):
     assert err.strip().splitlines()[-1].startswith("shotdistill: error: no record was prepared")
     code, _, err = _cli(capsys, "data", "prepare", str(tmp_path / "absent.jsonl"), "--out", out)
     assert code == 1 and err.strip() == f"shotdistill: error: {tmp_path / 'absent.jsonl'}: manifest not found"
+
+
+def test_joint_caption_layout_stores_the_prompt_so_far_as_one_string(prepared, tmp_path):
+    from distill.data.components import build_text_encoder
+    from distill.data.datasets import PreparedData, PromptDataset
+
+    root, manifest, _ = prepared
+    cfg = tiny_cfg("text_encoder.caption_layout=joint")
+    prepare(cfg, manifest, tmp_path / "joint", progress=False)
+    data = PreparedData(tmp_path / "joint")
+    rec = data.records[0]
+    encoder = build_text_encoder(cfg.text_encoder)
+    for j in range(len(rec["captions"])):
+        want = encoder.joint_text(rec["global_caption"], rec["captions"][:j + 1])
+        torch.testing.assert_close(data.shot_text(rec, j), want)
+    separate = PreparedData(root / "out")
+    assert not torch.equal(separate.shot_text(separate.records[0], 1), data.shot_text(rec, 1))
+    assert PromptDataset(tmp_path / "joint")[0]["texts"].shape[1:] == (64, 32)

@@ -110,3 +110,19 @@ def test_tiny_t5_is_fixed_by_its_seed_and_knows_every_grammar_word(tmp_path):
     one.save_pretrained(tmp_path / "te")
     loaded = T5TextEncoder.from_pretrained(tmp_path / "te", max_tokens=32)
     assert torch.allclose(loaded.encode([caption])[0], one.encode([caption])[0], atol=1e-6)
+
+
+def test_joint_layout_encodes_the_prompt_so_far_as_one_string():
+    from teacher.context import joint_caption
+    from teacher.encoders import build_tiny_t5
+
+    enc = build_tiny_t5(["a", "red", "circle", "moves", "left", "stays", "shot0", "shot1"], 16, 1, 2, 8, seed=0)
+    assert joint_caption("a circle", ["moves left", "stays"]) == "a circle shot0: moves left shot1: stays"
+    joint = enc.prompt_text("joint", "a circle", ["moves left", "stays"])
+    assert joint.shape == (16, 16)
+    expected = enc.encode(["a circle shot0: moves left shot1: stays"], 16)[0]
+    assert torch.equal(joint[: len(expected)], expected) and not joint[len(expected):].any()
+    separate = enc.prompt_text("separate", "a circle", ["moves left", "stays"])
+    assert torch.equal(separate, enc.shot_text("a circle", "stays"))
+    with pytest.raises(ValueError, match="caption layout must be one of"):
+        enc.prompt_text("both", "a", ["b"])

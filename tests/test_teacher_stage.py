@@ -266,3 +266,12 @@ def test_the_negative_replaces_every_frames_text_or_the_targets(scope):
     else:
         assert torch.equal(kw_uncond["context_text"], context.texts)
     assert torch.equal(kw_uncond["context"], context.latents)
+
+
+def test_joint_captions_need_one_text_per_frame(tmp_path):
+    from distill.runner import plan
+
+    with pytest.raises(ValueError, match=r"caption_layout=joint gives every frame one text: it needs "
+                                         r"teacher.captions=target_only, got 'multi'"):
+        plan(TINY_TEACHER, [f"run.out={tmp_path}", "text_encoder.caption_layout=joint"])
+    plan(TINY_TEACHER, [f"run.out={tmp_path}", "text_encoder.caption_layout=joint", "teacher.captions=target_only"])

@@ -43,7 +43,10 @@ class PreparedData:
         return self.reader.get(record["shard"], f"{record['slot']}/{key}").float()
 
     def shot_text(self, record: dict, shot: int) -> torch.Tensor:
-        """[L, D]: the global caption's real tokens followed by shot `shot`'s, zero-padded."""
+        """[L, D]: shot `shot`'s model text in the prepared caption layout: the global caption's real
+        tokens followed by the shot's ("separate"), or the prompt up to the shot as one string ("joint")."""
+        if self.settings.get("caption_layout") == "joint":
+            return self.tensor(record, f"shot{shot}/joint_text")
         parts = [self.tensor(record, "global_text"), self.tensor(record, f"shot{shot}/text")]
         return join_text(parts, self.text_len)
 

@@ -39,6 +39,7 @@ class PrepareSettings:
     latent_dtype: str
     strategy: str
     budget: int
+    caption_layout: str
 
 
 def fingerprint(s: PrepareSettings, codec: Codec, text: T5TextEncoder, manifest: Path) -> dict:
@@ -73,6 +74,8 @@ def encode_record(record: Record, slot: int, s: PrepareSettings, codec: Codec, t
     tensors[f"{slot}/global_text"] = embeddings[0].to(dtype)
     for j, emb in enumerate(embeddings[1:]):
         tensors[f"{slot}/shot{j}/text"] = emb.to(dtype)
+        if s.caption_layout == "joint":  # the whole prompt up to shot j, encoded as one string
+            tensors[f"{slot}/shot{j}/joint_text"] = text.joint_text(captions[0], captions[1:j + 2]).to(dtype)
     meta = {"id": record.id, "line": record.line, "slot": slot, "global_caption": record.global_caption,
             "captions": captions[1:], "facts": record.facts,
             "latent_frames": codec.latent_frames(s.shot_frames)}

@@ -115,11 +115,14 @@ class TeacherVideoMaker:
     dtype: torch.dtype
     fps: float
     source: dict
+    caption_layout: str
 
-    def text(self, global_caption: str, caption: str) -> torch.Tensor:
-        """[1, L, D]: the shot's model text (the training layout) on the teacher's device."""
+    def text(self, global_caption: str, captions: list[str]) -> torch.Tensor:
+        """[1, L, D]: the model text of the last of `captions` (the shots so far) in the training layout,
+        on the teacher's device."""
         device = next(self.teacher.parameters()).device
-        return self.text_encoder.shot_text(global_caption, caption)[None].to(device, self.dtype)
+        text = self.text_encoder.prompt_text(self.caption_layout, global_caption, captions)
+        return text[None].to(device, self.dtype)
 
     def __call__(self, prompt: Prompt, seed: int) -> Video:
         from distill.eval.multishot import teacher_shots
@@ -127,7 +130,8 @@ class TeacherVideoMaker:
         gen = torch.Generator().manual_seed(seed)
         frames, lengths, first = [], [], None
         start = time.perf_counter()
-        texts: Iterator[torch.Tensor] = (self.text(prompt.global_caption, c) for c in prompt.captions)
+        texts: Iterator[torch.Tensor] = (self.text(prompt.global_caption, prompt.captions[:k + 1])
+                                         for k in range(len(prompt.captions)))
         with torch.no_grad():
             for latents in teacher_shots(self.teacher, self.shape, self.sampler, self.negative, self.context_fn,
                                          texts, gen):
@@ -160,4 +164,4 @@ def load_teacher_maker(stage: str | Path, device: str | torch.device, dtype: str
         else ReencodedContext(codec, rule.strategy, rule.budget)
     negative = guided_negative(cfg, device, torch_dtype)
     return TeacherVideoMaker(teacher, codec, encoder, shape, cfg.sampler, negative, context_fn, torch_dtype,
-                             float(cfg.data.fps), {"teacher": str(stage)})
+                             float(cfg.data.fps), {"teacher": str(stage)}, cfg.text_encoder.caption_layout)

@@ -28,7 +28,8 @@ def settings_of(cfg: DictConfig) -> PrepareSettings:
                          "data.context.budget >= 0")
     return PrepareSettings(height=d.height, width=d.width, fps=d.fps, shot_frames=d.shot_frames,
                            records_per_shard=d.records_per_shard, latent_dtype=d.latent_dtype,
-                           strategy=d.context.strategy, budget=d.context.budget)
+                           strategy=d.context.strategy, budget=d.context.budget,
+                           caption_layout=cfg.text_encoder.caption_layout)
 
 
 def prepare(cfg: DictConfig, manifest: str | Path | None, out: str | Path, rank: int = 0,

@@ -83,6 +83,9 @@ class TeacherStage:
         for name in ("context_dropout", "text_dropout"):
             if not 0.0 <= t[name] <= 1.0:
                 raise ValueError(f"teacher.{name} must be in [0, 1], got {t[name]}")
+        if cfg.text_encoder.caption_layout == "joint" and t.captions != "target_only":
+            raise ValueError("text_encoder.caption_layout=joint gives every frame one text: it needs "
+                             f"teacher.captions=target_only, got {t.captions!r}")
         if t.timestep_shift <= 0 or cfg.sampler.shift <= 0:
             raise ValueError("teacher.timestep_shift and sampler.shift must be > 0")
         if t.loss_buckets < 1 or t.eval_samples < 0 or cfg.sampler.steps < 1:
