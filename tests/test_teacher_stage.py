@@ -71,6 +71,22 @@ def test_wan_teacher_recipe_has_the_paper_settings():
     assert cfg.needs == ["prepare.yaml"]
 
 
+def test_wan_recipes_carry_the_official_release_conventions():
+    wan = WAN_TEACHER.parent
+    teacher = load_recipe(WAN_TEACHER, _filled(WAN_TEACHER))
+    assert (teacher.text_encoder.caption_layout, teacher.teacher.captions) == ("joint", "target_only")
+    assert (teacher.teacher.context_timestep, teacher.teacher.positions) == ("target", "shot_rope")
+    assert teacher.teacher.text_dropout == 0.1 and teacher.sampler.negative_scope == "all"
+    intra = load_recipe(wan / "dmd-intra.yaml", _filled(wan / "dmd-intra.yaml"))
+    assert list(intra.student.denoising_steps) == [1000, 740, 500, 260] and intra.student.shift == 8
+    d = intra.dmd
+    assert (d.timestep_shift, d.guidance, d.generator_every, d.ema_decay) == (8, 3, 6, 0)
+    assert (intra.optim.generator.clip, intra.optim.critic.clip) == (1.0, 10.0)
+    inter = load_recipe(wan / "dmd-inter.yaml", _filled(wan / "dmd-inter.yaml"))
+    assert (inter.lora.rank, inter.lora.alpha, inter.dmd.ema_decay) == (256, 256, 0)
+    assert set(inter.lora.targets) >= {"to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"}
+
+
 def test_tiny_teacher_needs_prepare():
     root = plan(TINY_TEACHER, [])
     assert root.folder == "teacher" and [n.folder for n in root.needs] == ["prepare"]
