@@ -130,8 +130,19 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="launch.plan:plan")
 
 
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="start from released checkpoints: convert them into our folders")
+    kinds = p.add_subparsers(dest="import_command", required=True, metavar="RELEASE")
+    s = kinds.add_parser("shotstream", help="the official ShotStream teacher (and causal student) .pt files")
+    s.add_argument("--teacher", required=True, metavar="FILE", help="bidirectional_teacher.pt")
+    s.add_argument("--student", metavar="FILE", help="ode_init.pt (or another causal student of the release)")
+    s.add_argument("--wan", required=True, metavar="WAN_ROOT", help="the Wan2.1-T2V-1.3B diffusers root")
+    s.add_argument("--out", required=True, metavar="DIR", help="folder for teacher/, student/ and recipe.yaml")
+    s.set_defaults(handler="launch.importer:shotstream")
+
+
 SUBCOMMANDS = [_add_run, _add_launch, _add_slurm, _add_plan, _add_config, _add_data, _add_export, _add_generate,
-               _add_eval, _add_compare]
+               _add_eval, _add_compare, _add_import]
 
 
 def build_parser() -> argparse.ArgumentParser:
