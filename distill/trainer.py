@@ -66,7 +66,10 @@ StepFn = Callable[[Any, frozenset, int], dict[str, torch.Tensor]]
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived: a checkpoint was saved and the run stops cleanly."""
+    """SIGTERM/SIGUSR1/SIGINT arrived: a checkpoint was saved and the run stops. `signum` is the signal
+    (SIGTERM when only another rank was signalled); the process exits with 128 + signum (143, 130)."""
+
+    signum: int = signal.SIGTERM
 
 
 class TooManyBadSteps(RuntimeError):
@@ -208,9 +211,10 @@ def place_frozen(module: torch.nn.Module, cfg: DictConfig, env) -> Any:
 
 
 class _StopSignals:
-    """Remember SIGTERM/SIGUSR1 (cluster preemption) until the step ends; restore on exit."""
+    """Remember SIGTERM/SIGUSR1 (cluster preemption) and SIGINT (Ctrl-C) until the step ends; restore on
+    exit, telling a Preempted leaving the block which signal it was."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __enter__(self):
         self.received: int | None = None
@@ -220,9 +224,11 @@ class _StopSignals:
     def _on(self, signum, frame) -> None:
         self.received = signum
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if isinstance(exc, Preempted) and self.received is not None:
+            exc.signum = self.received
 
 
 class Trainer:

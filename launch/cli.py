@@ -177,14 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _handler(args.handler)(args)
     except KeyboardInterrupt:
-        print("shotdistill: interrupted", file=sys.stderr)
+        print(f"shotdistill: {rank_tag()}interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns failures into one line
         if os.environ.get("SHOTDISTILL_DEBUG"):
             raise
-        print(f"shotdistill: error: {one_line(e)}", file=sys.stderr)
+        print(f"shotdistill: error: {rank_tag()}{one_line(e)}", file=sys.stderr)
         return 1
     return int(code or 0)
+
+
+def rank_tag() -> str:
+    """'[rank R] ' in one of several processes torchrun started (WORLD_SIZE > 1), '' otherwise: a job log
+    tells the ranks' final lines apart, and `shotdistill launch` reads the failing rank's from it."""
+    return f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 if __name__ == "__main__":

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a recipe (one stage or a pipeline) in this process, or as one torchrun worker."""
+    """Run a recipe (one stage or a pipeline) in this process, or as one torchrun worker. A stop signal
+    during training saves a checkpoint and exits 128 + the signal (SIGTERM 143, Ctrl-C 130), so
+    `run a && run b` stops there and a scheduler sees the job did not complete."""
     from distill.runner import run_recipe
     from distill.trainer import Preempted
+    from launch.cli import rank_tag
     try:
         run_recipe(args.recipe, args.overrides)
     except Preempted as e:
-        print(f"shotdistill: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops alike: one line
+            print(f"shotdistill: {rank_tag()}{e}", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

@@ -1,10 +1,11 @@
 """`shotdistill slurm`: write an sbatch script (srun starts one torchrun per node) and print its path.
 
-torchrun rendezvous is c10d on the job's first node. Each job gets its own run folder
-(`<run.name>-job<SLURM_JOB_ID>`); a requeued job keeps its id, so it resumes in that folder.
-Preemption: SLURM sends USR1 to the batch shell `PREEMPT_GRACE_S` before the time limit; the
-shell forwards SIGTERM to srun (torchrun passes it to the workers, which checkpoint and stop) and
-requeues the job.
+Each node runs `shotdistill launch` (torchrun with the first node as master, this node's rank from
+SLURM_NODEID). Each job gets its own run folder (`<run.name>-job<SLURM_JOB_ID>`); a requeued job
+keeps its id, so it resumes in that folder. Preemption: SLURM sends USR1 to the batch shell
+`PREEMPT_GRACE_S` before the time limit (or TERM when it preempts); the shell sends SIGTERM to srun
+(launch and torchrun pass it to the workers, which checkpoint and exit 143) and requeues the job.
+The job is also requeued when the step exits 143 on its own (SLURM signalled the steps directly).
 """
 
 from __future__ import annotations
@@ -46,12 +47,12 @@ def render(args: argparse.Namespace, name: str, out: str, log_dir: Path) -> str:
     recipe = shlex.quote(str(Path(args.recipe).resolve()))
     overrides = " ".join(shlex.quote(o) for o in args.overrides)
     run_name = shlex.quote(f"run.name={name}-job") + '"${SLURM_JOB_ID}"'
-    torchrun = (f"{shlex.quote(sys.executable)} -m torch.distributed.run "
-                f"--nnodes={args.nodes} --nproc_per_node={args.gpus_per_node} "
-                '--rdzv_id="${SLURM_JOB_ID}" --rdzv_backend=c10d '
-                '--rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}" '
-                f"-m launch.cli run {recipe} {overrides} {run_name} "
-                f"{shlex.quote('run.out=' + out)}")
+    # one `shotdistill launch` per node (its node rank is srun's SLURM_NODEID, expanded on the node):
+    # its exit status is the ranks' (143 after a stop signal's checkpoint) and its last line says why
+    node = (f"exec {shlex.quote(sys.executable)} -m launch.cli launch {recipe} "
+            f"--nproc {args.gpus_per_node} --nnodes {args.nodes} "
+            '--node-rank "${SLURM_NODEID}" --master "${MASTER_ADDR}:${MASTER_PORT}" '
+            f"{overrides} {run_name} {shlex.quote('run.out=' + out)}")
     return "\n".join([
         "#!/bin/bash",
         *_directives(args, name, log_dir),
@@ -63,16 +64,25 @@ def render(args: argparse.Namespace, name: str, out: str, log_dir: Path) -> str:
         "# A hung collective fails the job instead of idling the allocation.",
         "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}",
-        "preempted() {",
-        '  echo "shotdistill: preemption signal, checkpointing and requeueing" >&2',
+        "# USR1 (the time limit is near) or TERM (preemption): the ranks checkpoint and exit 143, then requeue.",
+        "requeue=0",
+        "stop() {",
+        "  requeue=1 interrupted=1",
+        '  echo "shotdistill: stop signal: checkpointing, then requeueing" >&2',
         '  kill -TERM "${SRUN_PID}" 2>/dev/null || true',
-        '  wait "${SRUN_PID}" || true',
-        '  scontrol requeue "${SLURM_JOB_ID}"',
         "}",
-        "trap preempted USR1",
-        f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 {torchrun} &",
+        "trap stop USR1 TERM",
+        f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c {shlex.quote(node)} &",
         "SRUN_PID=$!",
-        'wait "${SRUN_PID}"',
+        "while :; do  # a trapped signal ends a wait early: wait again for srun's own status",
+        "  interrupted=0 status=0",
+        '  wait "${SRUN_PID}" || status=$?',
+        '  [ "${interrupted}" = 1 ] || break',
+        "done",
+        'if [ "${requeue}" = 1 ] || [ "${status}" = 143 ]; then',
+        '  scontrol requeue "${SLURM_JOB_ID}"',
+        "fi",
+        'exit "${status}"',
         "",
     ])
 

@@ -62,12 +62,13 @@ def test_sbatch_script(tmp_path, toy_recipe, capsys):
     subprocess.run(["bash", "-n", str(out)], check=True)
     for line in ["#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1",
                  "#SBATCH --partition=h100", "#SBATCH --time=48:00:00", "#SBATCH --account=proj",
-                 "#SBATCH --requeue", "trap preempted USR1"]:
+                 "#SBATCH --requeue", "trap stop USR1 TERM"]:
         assert line in text.splitlines(), line
-    for fragment in ["--nnodes=4 --nproc_per_node=8", "--rdzv_backend=c10d",
-                     '--rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT}"', "--signal=B:USR1@",
+    for fragment in [f"launch {recipe} --nproc 8 --nnodes 4", '--node-rank "${SLURM_NODEID}"',
+                     '--master "${MASTER_ADDR}:${MASTER_PORT}"', "--signal=B:USR1@",
                      'scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1',
-                     f"run {recipe} train.steps=9 run.name=big-job", "TORCH_NCCL_ASYNC_ERROR"]:
+                     'train.steps=9 run.name=big-job"${SLURM_JOB_ID}"', "TORCH_NCCL_ASYNC_ERROR",
+                     'if [ "${requeue}" = 1 ] || [ "${status}" = 143 ]; then']:
         assert fragment in text, fragment
     assert main(["slurm", str(recipe), "--nodes", "1", "--gpus-per-node", "1"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "runs/big/sbatch.sh")

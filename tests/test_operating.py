@@ -226,3 +226,123 @@ def test_resume_never_says_what_it_discards(tmp_path, toy_recipe, capsys):
     assert main(["run", str(recipe), "resume=never"]) == 0
     assert (f"shotdistill: resume=never: stage toy starts over, discarding 2 committed checkpoint(s) (steps 1, 2) "
             f"in {stage / 'checkpoints'}") in capsys.readouterr().err.splitlines()
+
+
+# --------------------------------------------------------------------------- item 9: honest exit codes, one-line failures
+
+
+@pytest.mark.parametrize("name, code", [("TERM", 143), ("INT", 130)])
+def test_stop_signal_saves_a_checkpoint_then_exits_non_zero(tmp_path, toy_recipe, name, code):
+    from conftest import shotdistill
+    from distill import checkpoint
+
+    recipe = toy_recipe(tmp_path, train={"steps": 8, "checkpoint_every": 4})
+    stopped = shotdistill(["run", str(recipe)], tmp_path,
+                          {"SHOTDISTILL_TOY_SIGNAL_AT": "5", "SHOTDISTILL_TOY_SIGNAL": name})
+    assert stopped.returncode == code, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "shotdistill: stopped by signal at step 6; checkpoint saved, resume=auto continues from it")
+    run = tmp_path / "runs" / "toy"
+    assert [s for s, _ in checkpoint.committed(run / "toy/checkpoints")] == [4, 6]
+    assert not (run / "toy/DONE").exists()
+
+
+@pytest.mark.slow
+def test_launch_failure_ends_in_one_line_naming_the_rank(tmp_path, toy_recipe):
+    from conftest import free_port, shotdistill
+
+    recipe = toy_recipe(tmp_path, train={"steps": 6, "checkpoint_every": 6})
+    failed = shotdistill(["launch", str(recipe), "--nproc", "2", "--master", f"127.0.0.1:{free_port()}"], tmp_path,
+                         {"SHOTDISTILL_TOY_RAISE_AT": "2", "SHOTDISTILL_TOY_KILL_RANK": "1"})
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    lines = failed.stderr.strip().splitlines()
+    assert lines[-1] == "shotdistill: error: rank 1 failed (exit 1): toy failure at step 2", lines[-30:]
+    assert "Traceback" not in failed.stderr and "ChildFailedError" not in failed.stderr, failed.stderr[-3000:]
+
+
+def _fake_slurm(tmp_path, srun_body: str):
+    """A PATH where `srun` runs `srun_body` and `scontrol` records a requeue (hostnames: localhost)."""
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text(f"#!/bin/bash\n{srun_body}\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\nif [ "$1" = requeue ]; then echo "$@" >> {tmp_path}/requeued; '
+                                      'else echo localhost; fi\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(stat.S_IRWXU)
+    return bin_dir
+
+
+@pytest.mark.parametrize("srun_body, code, requeued", [
+    ("exit 143", 143, True),                 # the ranks checkpointed after SLURM's SIGTERM: requeue
+    ("exit 1", 1, False),                    # a failure: no requeue, the job fails
+    ("exit 0", 0, False),
+])
+def test_sbatch_script_requeues_on_a_checkpointed_stop(tmp_path, toy_recipe, capsys, srun_body, code, requeued):
+    import os
+    import subprocess
+
+    recipe = toy_recipe(tmp_path, "big")
+    script = tmp_path / "job.sh"
+    assert main(["slurm", str(recipe), "--nodes", "1", "--gpus-per-node", "1", "--out", str(script)]) == 0
+    env = {**os.environ, "PATH": f"{_fake_slurm(tmp_path, srun_body)}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "localhost"}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stderr
+    assert (tmp_path / "requeued").is_file() == requeued
+    if requeued:
+        assert (tmp_path / "requeued").read_text() == "requeue 42\n"
+
+
+def test_sbatch_script_passes_a_preemption_signal_on_and_requeues(tmp_path, toy_recipe, capsys):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    recipe = toy_recipe(tmp_path, "big")
+    script = tmp_path / "job.sh"
+    assert main(["slurm", str(recipe), "--nodes", "1", "--gpus-per-node", "1", "--out", str(script)]) == 0
+    srun = (f"trap 'kill $S; echo stopping >> {tmp_path}/srun.log; exit 143' TERM\n"
+            f"sleep 30 &\nS=$!\necho started > {tmp_path}/srun.log\nwait $S")
+    env = {**os.environ, "PATH": f"{_fake_slurm(tmp_path, srun)}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "localhost"}
+    job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "srun.log").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)                # SLURM: the time limit is near
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 143, err
+    assert (tmp_path / "srun.log").read_text() == "started\nstopping\n"
+    assert (tmp_path / "requeued").read_text() == "requeue 7\n"
+
+
+@pytest.mark.slow
+def test_launch_passes_sigterm_on_and_exits_143_after_the_checkpoint(tmp_path, toy_recipe):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import free_port, subprocess_env
+    from distill import checkpoint
+
+    recipe = toy_recipe(tmp_path, train={"steps": 100000, "checkpoint_every": 100000},
+                        logging={"tensorboard": False})
+    job = subprocess.Popen([sys.executable, "-m", "launch.cli", "launch", str(recipe), "--nproc", "2",
+                            "--master", f"127.0.0.1:{free_port()}"], cwd=tmp_path, env=subprocess_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stage = tmp_path / "runs" / "toy" / "toy"
+    deadline = time.time() + 180
+    while not (stage / "deepspeed.generator.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)                                    # training
+    job.send_signal(signal.SIGTERM)                  # a scheduler stops the launcher
+    _, err = job.communicate(timeout=180)
+    assert job.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("shotdistill: stopped by signal at step ") and last.endswith("checkpoint saved, "
+                                                                                        "resume=auto continues from it")
+    assert checkpoint.committed(stage / "checkpoints") and not (stage / "DONE").exists()

@@ -3,7 +3,8 @@ every fifth, exercising the trainer the way DMD will (two engines, different upd
 
 Fault injection for tests, read only here: SHOTDISTILL_TOY_KILL_AT=<step> SIGKILLs the process
 (on rank SHOTDISTILL_TOY_KILL_RANK, default 0) when that step starts; SHOTDISTILL_TOY_SIGNAL_AT=
-<step> sends SIGUSR1 (preemption) instead; SHOTDISTILL_TOY_NAN_AT=<s,s> makes rank 0's losses NaN
+<step> sends SIGUSR1 (preemption) instead (SHOTDISTILL_TOY_SIGNAL=TERM|INT another signal);
+SHOTDISTILL_TOY_RAISE_AT=<step> raises RuntimeError on that rank; SHOTDISTILL_TOY_NAN_AT=<s,s> makes rank 0's losses NaN
 at those steps; SHOTDISTILL_TOY_BAD_GRAD_AT=<s,s> keeps the loss finite but its gradient NaN;
 SHOTDISTILL_TOY_SPIKE_AT=<s,s> multiplies rank 0's losses by 1e6 at those steps;
 SHOTDISTILL_TOY_LR_AT=<step>:<lr> sets every model's peak lr from that step on (a divergence).
@@ -63,6 +64,8 @@ class ToyStage:
         self.kill_at = int(os.environ.get("SHOTDISTILL_TOY_KILL_AT", "-1"))
         self.kill_rank = int(os.environ.get("SHOTDISTILL_TOY_KILL_RANK", "0"))
         self.signal_at = int(os.environ.get("SHOTDISTILL_TOY_SIGNAL_AT", "-1"))
+        self.signal = getattr(signal, "SIG" + os.environ.get("SHOTDISTILL_TOY_SIGNAL", "USR1"))
+        self.raise_at = int(os.environ.get("SHOTDISTILL_TOY_RAISE_AT", "-1"))
         nan = os.environ.get("SHOTDISTILL_TOY_NAN_AT", "")
         self.nan_at = {int(s) for s in nan.split(",") if s}
         bad_grad = os.environ.get("SHOTDISTILL_TOY_BAD_GRAD_AT", "")
@@ -85,7 +88,9 @@ class ToyStage:
         if step == self.kill_at and rank == self.kill_rank:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == self.signal_at and rank == self.kill_rank:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), self.signal)
+        if step == self.raise_at and rank == self.kill_rank:
+            raise RuntimeError(f"toy failure at step {step}")
         if self.lr_at is not None and step >= self.lr_at[0]:
             for warmup in self.trainer.warmup.values():
                 warmup.peak = self.lr_at[1]
