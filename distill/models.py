@@ -170,6 +170,19 @@ def save_stage_student(engine, student: CausalStudent, folder: Path, cfg: DictCo
     barrier()
 
 
+def load_stage_student(folder: Path, cfg: DictConfig, env) -> CausalStudent:
+    """The student folder a stage just saved, as a plain float32 module on this rank's device: what the
+    probes after training run. (Under ZeRO-3 the engine's module must never run outside the engine's
+    own forward: its parameter hooks would fetch and release out of step with a GatheredParameters
+    block, and the ranks' collectives stop matching.)"""
+    from distill.distributed import barrier
+
+    barrier()  # rank 0 has written it
+    student = CausalStudent.from_pretrained(folder, torch_dtype=torch.float32,
+                                            attention_backend=cfg.model.attention)
+    return student.to(env.device).eval()
+
+
 def student_timesteps(cfg: DictConfig) -> list[float]:
     """The student's denoising timesteps after the shift: the trajectory points ODE pairs keep."""
     from student.sampling import denoising_timesteps

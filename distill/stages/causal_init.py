@@ -37,8 +37,9 @@ from distill.data.stream import DataStream
 from distill.eval.probes import distance_scores
 from distill.eval.run import EvalRun
 from distill.logging import log_final
-from distill.models import build_student, check_student_keys, load_teacher, save_stage_student, student_timesteps
-from distill.trainer import TrainedModel, Trainer, gathered
+from distill.models import (build_student, check_student_keys, load_stage_student, load_teacher,
+                            save_stage_student, student_timesteps)
+from distill.trainer import TrainedModel, Trainer
 from student.context import drop_text, kwargs_of
 from teacher.flow import x0_from_velocity
 
@@ -107,10 +108,11 @@ class CausalInitStage:
         self.trainer = Trainer(cfg, self.ctx, [TrainedModel("student", student)], data, self.step)
         metrics = self.trainer.fit()
         engine = self.trainer.engines["student"]
-        if cfg.causal_init.eval_pairs:
-            with gathered(engine):
-                scores.update(distance_scores(engine.module, dataset, cfg.causal_init.eval_pairs, probe, "after"))
-        save_stage_student(engine, engine.module, layout.product(self.ctx.stage_dir, self.produces), cfg, env)
+        folder = layout.product(self.ctx.stage_dir, self.produces)
+        save_stage_student(engine, engine.module, folder, cfg, env)
+        if cfg.causal_init.eval_pairs:  # the saved student: a plain module on every rank, ZeRO-3 or not
+            scores.update(distance_scores(load_stage_student(folder, cfg, env), dataset,
+                                          cfg.causal_init.eval_pairs, probe, "after"))
         if scores:
             log_final(self.ctx, cfg, scores)
         return {**metrics, **scores}

@@ -34,11 +34,11 @@ from distill.data.datasets import PreparedData, PromptDataset
 from distill.dmd import critic_loss, draw_timesteps, generator_loss
 from distill.ema import EMA
 from distill.logging import log_final
-from distill.models import load_teacher, save_stage_student
+from distill.models import load_stage_student, load_teacher, save_stage_student
 from distill.eval.media import MediaLog
 from distill.rollout import ReencodedContext, SelfForcingGenerator, draw_exit_step, latent_context_fn
 from distill.rollout import shots as rollout_shots
-from distill.trainer import TrainedModel, Trainer, gathered, place_frozen
+from distill.trainer import TrainedModel, Trainer, place_frozen
 from student.context import Context, denoisers
 from student.model import CausalStudent
 from teacher.encoders import pixels_to_uint8
@@ -155,9 +155,10 @@ class DMDStage:
         engine = self.trainer.engines["generator"]
         if self.ema.enabled:
             self.ema.copy_to()  # the EMA weights are what the stage leaves
-        save_stage_student(engine, engine.module.student, layout.product(self.ctx.stage_dir, self.produces), cfg, env)
-        with gathered(engine):
-            scores.update(self.evaluate(engine.module.student, "after"))
+        folder = layout.product(self.ctx.stage_dir, self.produces)
+        save_stage_student(engine, engine.module.student, folder, cfg, env)
+        # the saved student (LoRA merged): a plain module on every rank, ZeRO-3 or not
+        scores.update(self.evaluate(load_stage_student(folder, cfg, env), "after"))
         if scores:
             log_final(self.ctx, cfg, scores)
         return {**metrics, **scores}
