@@ -44,6 +44,9 @@ class TrainedModel:
     every: int = 1  # updated on trainer steps where step % every == 0 (0-based step)
     # called with our step counter after each applied update of this model (e.g. an EMA)
     after_update: Callable[[int], None] | None = None
+    # judge this model's loss and grad norm for spikes (train.spike_factor); off for a surrogate loss
+    # whose scale starts at zero and grows by orders of magnitude by design (DMD's generator)
+    spikes: bool = True
 
 
 class DataSource(Protocol):
@@ -255,6 +258,7 @@ class Trainer:
         self.bad_streak = 0
         self.bad = BadSteps(cfg.train.spike_factor, cfg.train.bad_window)
         self.reasons: list[str] = []  # why the newest step was bad
+        self.watched = {m.name for m in models if m.spikes}
         self.last: dict[str, float] = {}
         self.ckpt_root = Path(ctx.stage_dir) / layout.CHECKPOINTS
         # Models are built alike on every rank (runner seeded run.seed); noise differs per rank.
@@ -369,7 +373,8 @@ class Trainer:
             named = [f"{n}/loss" for n in due if not math.isfinite(means[n])]
             reasons.append(f"{', '.join(named) or 'a loss'} not finite")
         # every rank sees the same means and history, so every rank judges alike
-        reasons += [why for n in due if not any(r.startswith(f"{n}/loss") for r in reasons)
+        reasons += [why for n in due if n in self.watched
+                    and not any(r.startswith(f"{n}/loss") for r in reasons)
                     and (why := self.bad.spike(f"{n}/loss", means[n]))]
         bad = bad or bool(reasons)
         for name in due:
@@ -416,7 +421,7 @@ class Trainer:
             norm, lr, applied = self._update(name, loss_bad)
             if not applied and not loss_bad:
                 reasons.append(f"{name}/grad_norm is {norm}")
-            elif why := self.bad.spike(f"{name}/grad_norm", norm):
+            elif name in self.watched and (why := self.bad.spike(f"{name}/grad_norm", norm)):
                 reasons.append(why)  # applied already: counted, not undone
             hook = next(m.after_update for m in self.models if m.name == name)
             if applied and hook is not None:

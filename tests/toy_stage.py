@@ -7,7 +7,8 @@ Fault injection for tests, read only here: SHOTDISTILL_TOY_KILL_AT=<step> SIGKIL
 SHOTDISTILL_TOY_RAISE_AT=<step> raises RuntimeError on that rank; SHOTDISTILL_TOY_NAN_AT=<s,s> makes rank 0's losses NaN
 at those steps; SHOTDISTILL_TOY_BAD_GRAD_AT=<s,s> keeps the loss finite but its gradient NaN;
 SHOTDISTILL_TOY_SPIKE_AT=<s,s> multiplies rank 0's losses by 1e6 at those steps;
-SHOTDISTILL_TOY_LR_AT=<step>:<lr> sets every model's peak lr from that step on (a divergence).
+SHOTDISTILL_TOY_LR_AT=<step>:<lr> sets every model's peak lr from that step on (a divergence);
+SHOTDISTILL_TOY_UNWATCHED=<name,name> trains those models with spikes=False.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class ToyStage:
 
     def run(self) -> dict[str, float]:
         env = self.ctx.env
-        models = [TrainedModel("critic", _model(), every=1),
-                  TrainedModel("generator", _model(), every=5)]
+        unwatched = os.environ.get("SHOTDISTILL_TOY_UNWATCHED", "").split(",")
+        models = [TrainedModel("critic", _model(), every=1, spikes="critic" not in unwatched),
+                  TrainedModel("generator", _model(), every=5, spikes="generator" not in unwatched)]
         data = ToyData(self.cfg.run.seed, env.rank, env.world_size, self.cfg.train.micro_batch)
         self.trainer = Trainer(self.cfg, self.ctx, models, data, self.step)
         return self.trainer.fit()

@@ -145,7 +145,10 @@ class DMDStage:
         data = prompt_stream(cfg, env.rank, env.world_size, cfg.dmd.shots) if self.inter \
             else shot_stream(cfg, env.rank, env.world_size)
         self.ema = EMA(generator, cfg.dmd.ema_decay, cfg.dmd.ema_start)
-        models = [TrainedModel("generator", generator, cfg.dmd.generator_every, after_update=self.ema.update),
+        # the generator's DMD surrogate starts at ~0 (fake score = real score) and grows by orders of
+        # magnitude by design: only the critic's losses and grad norms are judged for spikes
+        models = [TrainedModel("generator", generator, cfg.dmd.generator_every, after_update=self.ema.update,
+                               spikes=False),
                   TrainedModel("critic", critic)]
         self.trainer = Trainer(cfg, self.ctx, models, data, self.step, extra_state={"ema": self.ema})
         try:
