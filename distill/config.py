@@ -154,8 +154,10 @@ class DataConfig:
     height: int = key(64, "frame height after resize + centre crop (Wan: 480)")
     width: int = key(64, "frame width after resize + centre crop (Wan: 832)")
     fps: float = key(8.0, "frame rate shots are resampled to (Wan: 16)")
-    shot_frames: int = key(12, "pixel frames per shot used in training, aligned to the codec "
-                           "(1 + 4k for Wan); longer shots keep their first frames, shorter are skipped")
+    shot_frames: int = key(12, "most pixel frames of a training shot, aligned to the codec (1 + 4k for Wan); a "
+                           "shorter shot keeps its own length cut to whole student chunks (at least one)")
+    long_shots: str = choice("truncate", ("truncate", "stride"), "a shot longer than data.shot_frames keeps its first frames "
+                             "(truncate) or every k-th frame, k the smallest stride that fits (stride: the release)")
     records_per_shard: int = key(8, "manifest records per safetensors shard")
     latent_dtype: str = choice("float32", ("float32", "bfloat16", "float16"),
                                "dtype of latents and text embeddings stored in shards")
@@ -360,7 +362,9 @@ class Recipe:
     needs: List[str] = key([], "recipes (relative to this one) whose stage outputs this stage reads; "
                       "each is run first when its output is missing")
     pipeline: List[str] = key([], "stage: pipeline — recipes (relative to this one) run in order")
-    resume: str = key("auto", "auto (newest committed checkpoint) | never | a checkpoint folder path")
+    resume: str = key("auto", "auto (newest committed checkpoint) | never | a checkpoint folder path | force: as "
+                      "auto, and reuse a finished stage or resume a checkpoint that was made with other settings "
+                      "(its recorded fingerprint differs; the differences are logged) instead of stopping")
     overrides: List[str] = key([], "key=value overrides applied to this recipe and to every recipe it needs "
                                "or pipelines (an ablation changing upstream stages); the command line's win")
     run: RunConfig = section(RunConfig, "run identity and seed")

@@ -192,7 +192,8 @@ class StreamingGenerator:
         """[L, D]: the model text of `caption` after the shots `before`, in the training layout (the
         student's `caption_layout`: global prompt ⊕ caption, or the whole prompt so far as one string)."""
         layout = self.student.settings.caption_layout
-        return self.text_encoder.prompt_text(layout, self.global_prompt, [*before, caption]).to(self.device)
+        dtype = self.student.transformer.dtype  # a bf16 student takes bf16 text
+        return self.text_encoder.prompt_text(layout, self.global_prompt, [*before, caption]).to(self.device, dtype)
 
     # ---- frame counts ------------------------------------------------------------------------
     def frames_for(self, chunks: int) -> int:

@@ -71,7 +71,8 @@ class ChunkStream:
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         param = next(student.parameters())
         self.student, self.batch, self.height, self.width = student, batch, height, width
-        self.device, self.dtype = device or param.device, dtype or param.dtype
+        # the compute dtype: a bf16 Wan loaded by diffusers keeps its norms and embedders in float32
+        self.device, self.dtype = device or param.device, dtype or student.transformer.dtype
         s, cfg = student.settings, student.transformer.config
         pt = student.backbone.patch_size[0]
         self.cache = KVCache(CacheShape(

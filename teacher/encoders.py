@@ -71,6 +71,12 @@ class Codec(ABC):
     def frames_aligned(self, pixel_frames: int) -> bool:
         return pixel_frames >= 1 and (pixel_frames - 1) % self.temporal_factor == 0
 
+    def whole_chunks(self, pixel_frames: int, chunk: int) -> int:
+        """The most pixel frames, at most `pixel_frames`, whose latents are a whole number of `chunk`-frame
+        chunks (0: not even one chunk fits)."""
+        latents = (1 + (pixel_frames - 1) // self.temporal_factor) // chunk * chunk if pixel_frames >= 1 else 0
+        return 0 if latents == 0 else 1 + (latents - 1) * self.temporal_factor
+
     @property
     def frames_are_latents(self) -> bool:
         """True when pixel frame f is latent frame f, so single context frames need no own encoding."""

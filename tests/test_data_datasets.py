@@ -16,7 +16,8 @@ from launch.data import default_recipe
 from teacher.context import candidate_frames, sample_context
 from teacher.encoders import join_text
 
-TINY = ["data.synth.videos=4", "data.synth.seed=2", "data.synth.min_shots=3", "data.synth.max_frames=13",
+TINY = ["data.synth.videos=4", "data.synth.seed=2", "data.synth.min_shots=3", "data.synth.min_frames=9",
+        "data.synth.max_frames=13",
         "logging.progress=false"]
 
 
@@ -42,7 +43,7 @@ def test_sample_is_the_target_shot_with_its_sampled_context(folder):
     s = ds[i]
     slot = rec["slot"]
     assert torch.equal(s["latents"], tensors[f"{slot}/shot2/latents"])
-    picks = sample_context([12, 12], "dynamic", 6)
+    picks = sample_context(rec["shot_frames"][:2], "dynamic", 6)  # over each history shot's own length
     assert s["context"].shots.tolist() == [shot for shot, _ in picks]
     for c, (shot, frame) in enumerate(picks):
         assert torch.equal(s["context"].latents[:, c], tensors[f"{slot}/shot{shot}/latents"][:, frame])
@@ -57,7 +58,7 @@ def test_sample_is_the_target_shot_with_its_sampled_context(folder):
 def test_first_shot_has_empty_context(folder):
     s = ShotDataset(folder, "dynamic", 6)[0]
     c = s["context"]
-    assert c.latents.shape == (12, 0, 32, 32) and c.texts.shape == (0, 64, 32) and c.nonempty is None
+    assert c.latents.shape == (12, 0, *s["latents"].shape[2:]) and c.texts.shape == (0, 64, 32) and c.nonempty is None
     assert s["target_shot"].item() == 0
 
 
@@ -118,8 +119,9 @@ def test_wan_codec_stores_context_frames_encoded_alone(folder, tmp_path):
     prepare(cfg, tmp_path / "one.jsonl", tmp_path / "out", progress=False)
     ds = ShotDataset(tmp_path / "out", "dynamic", 6)
     cands = candidate_frames(9, "dynamic", 6)
-    assert ds.data.settings["context"]["frames"] == cands == [0, 2, 3, 4, 5, 6, 8]
     rec, tensors = _shard(tmp_path / "out", ds, 0)
+    assert ds.data.settings["context"]["frames"] == "per_shot"  # each shot's own candidates, by its length
+    assert rec["shot_frames"] == [9, 9, 9] and rec["context_frames"][0] == cands == [0, 2, 3, 4, 5, 6, 8]
     assert tensors[f"{rec['slot']}/shot0/latents"].shape == (4, 3, 2, 2)   # 9 frames -> 1 + 2 latents
     assert tensors[f"{rec['slot']}/shot0/frames"].shape == (4, 7, 2, 2)    # one latent per candidate
     s = ds[2]

@@ -46,10 +46,12 @@ def test_shard_latents_decode_to_the_frames_pyav_reads(prepared):
         decoded = decode_all(root / "world" / lines[rec["line"] - 1]["video"])
         for j, shot in enumerate(lines[rec["line"] - 1]["shots"]):
             latents = tensors[f"{rec['slot']}/shot{j}/latents"]
-            assert latents.shape == (12, 12, 32, 32)
+            # a shot keeps its own length (at most data.shot_frames = 12), cut to whole 3-frame chunks
+            length = min(shot["end"] - shot["start"], 12) // 3 * 3
+            assert latents.shape == (12, length, 32, 32) and rec["shot_frames"][j] == length
             frames = pixels_to_uint8(codec.decode(latents[None])[0]).numpy()
-            # a longer shot keeps its first data.shot_frames frames
-            assert np.array_equal(frames, decoded[shot["start"]:shot["start"] + 12])
+            assert np.array_equal(frames, decoded[shot["start"]:shot["start"] + length])
+        assert len({n for rec in index["records"] for n in rec["shot_frames"]}) > 1  # many lengths
         assert f"{rec['slot']}/shot0/frames" not in tensors  # PatchCodec: context frames are the latents
 
 
@@ -108,7 +110,7 @@ def _bad_manifest(folder: Path, world: Path) -> Path:
         {"video": "missing.mp4", "global_caption": "g", "shots": [shot]},
         {"video": "corrupt.mp4", "global_caption": "g", "shots": [shot]},
         {"video": video, "id": "range", "global_caption": "g", "shots": [shot | {"start": 20, "end": 500}]},
-        {"video": video, "id": "short", "global_caption": "g", "shots": [shot | {"end": 5}]},
+        {"video": video, "id": "short", "global_caption": "g", "shots": [shot | {"end": 2}]},  # < 1 chunk
         {"id": "clips", "global_caption": "g", "shots": [shot | {"video": "clip.mp4", "start": 0, "end": 14},
                                                          {"video": "clip.mp4", "caption": "close-up: x"}]},
         {"video": video, "id": "empty", "global_caption": "g", "shots": [shot | {"caption": "  "}]},
@@ -140,7 +142,7 @@ def test_bad_records_are_skipped_by_line_and_good_ones_prepared(prepared, tmp_pa
     assert "video not found" in reasons[2] and "missing.mp4" in reasons[2]
     assert "cannot decode video" in reasons[3]
     assert "range 20..500 is outside the video" in reasons[4]
-    assert "too short: 5 frames" in reasons[5]
+    assert "too short: 2 frames at 8 fps, need at least 3 (one student chunk)" in reasons[5]
     assert "empty caption" in reasons[7]
     assert "malformed JSON" in reasons[8]
     assert "unknown field 'lens'" in reasons[9]

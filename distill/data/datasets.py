@@ -37,7 +37,10 @@ class PreparedData:
         self.records: list[dict] = index["records"]
         self.reader = ShardReader(self.folder)
         self.text_len = text_length(self.settings["text"]["max_tokens"])
-        self.shot_frames = self.settings["shot_frames"]
+        self.shot_frames = self.settings["shot_frames"]  # the longest a shot can be
+        if self.settings.get("format") != 2:
+            raise ValueError(f"{self.folder / INDEX}: prepared with an older format (one length for every "
+                             "shot); prepare again")
 
     def tensor(self, record: dict, key: str) -> torch.Tensor:
         return self.reader.get(record["shard"], f"{record['slot']}/{key}").float()
@@ -53,9 +56,9 @@ class PreparedData:
     def context_frame(self, record: dict, shot: int, frame: int) -> torch.Tensor:
         """[C, h, w] latents of one context frame: a latent frame of the shot, or (Wan) the frame
         encoded on its own at preparation."""
-        frames = self.settings["context"]["frames"]
-        if frames == "shot":
+        if self.settings["context"]["frames"] == "shot":
             return self.tensor(record, f"shot{shot}/latents")[:, frame]
+        frames = record["context_frames"][shot]
         if frame not in frames:
             raise ValueError(f"{self.folder}: frame {frame} of a shot was not prepared as a context "
                              f"frame (prepared for {self.settings['strategy']} budget "
@@ -64,7 +67,7 @@ class PreparedData:
 
     def history(self, record: dict, shots: int, strategy: str, budget: int) -> Context | None:
         """The context of shot `shots` of `record`: picked from its ground-truth shots before it."""
-        return pick_context([self.shot_frames] * shots, strategy, budget,
+        return pick_context(record["shot_frames"][:shots], strategy, budget,
                             lambda k, f: self.context_frame(record, k, f), lambda k: self.shot_text(record, k))
 
 
@@ -81,10 +84,12 @@ class ShotDataset:
     def __len__(self) -> int:
         return len(self.items)
 
-    def group(self, i: int) -> int:
-        """Items of one group have the same context length, so they stack into a batch."""
-        _, target = self.items[i]
-        return len(sample_context([self.data.shot_frames] * target, self.strategy, self.budget))
+    def group(self, i: int) -> tuple[int, int]:
+        """Items of one group have the same context and target lengths, so they stack into a batch."""
+        r, target = self.items[i]
+        rec = self.data.records[r]
+        picks = sample_context(rec["shot_frames"][:target], self.strategy, self.budget)
+        return len(picks), rec["latent_frames"][target]
 
     def __getitem__(self, i: int) -> dict:
         r, target = self.items[i]

@@ -31,9 +31,9 @@ class OdePairDataset:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def group(self, n: int) -> int:
-        """Pairs with the same context length stack into a batch."""
-        return self.pairs[n]["context_frames"]
+    def group(self, n: int) -> tuple[int, int]:
+        """Pairs with the same context and target lengths stack into a batch."""
+        return self.pairs[n]["context_frames"], self.pairs[n]["frames"]
 
     def tensor(self, pair: dict, key: str) -> torch.Tensor:
         return self.reader.get(pair["shard"], f"{pair['slot']}/{key}")

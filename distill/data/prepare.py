@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from distill.data.manifest import BadRecord, Record, Skip, read_manifest
-from distill.data.shards import INDEX, REPORT, read_json, shard_name, write_json, write_shard
+from distill.data.shards import INDEX, REPORT, read_json, shard_name, shard_problem, write_json, write_shard
 from distill.data.shots import load_shots
 from teacher.context import candidate_frames
 from teacher.encoders import DTYPES, Codec, T5TextEncoder, pixels_from_uint8
@@ -40,6 +40,8 @@ class PrepareSettings:
     strategy: str
     budget: int
     caption_layout: str
+    long_shots: str
+    chunk_frames: int
 
 
 def fingerprint(s: PrepareSettings, codec: Codec, text: T5TextEncoder, manifest: Path) -> dict:
@@ -47,8 +49,12 @@ def fingerprint(s: PrepareSettings, codec: Codec, text: T5TextEncoder, manifest:
     if not codec.frames_aligned(s.shot_frames):
         raise ValueError(f"data.shot_frames={s.shot_frames} does not fit the codec: "
                          f"expected 1 + k*{codec.temporal_factor}")
-    frames = "shot" if codec.frames_are_latents else candidate_frames(s.shot_frames, s.strategy, s.budget)
-    return {"format": 1, **asdict(s),
+    if not codec.whole_chunks(s.shot_frames, s.chunk_frames):
+        raise ValueError(f"data.shot_frames={s.shot_frames} holds no whole {s.chunk_frames}-latent-frame chunk "
+                         "(student.chunk_frames)")
+    # latents: context frames are latent frames of the shots; else each shot's candidates, encoded alone
+    frames = "shot" if codec.frames_are_latents else "per_shot"
+    return {"format": 2, **asdict(s),
             "codec": {"kind": type(codec).__name__, "channels": codec.channels,
                       "temporal_factor": codec.temporal_factor, "spatial_factor": codec.spatial_factor},
             "text": {"dim": text.dim, "max_tokens": text.max_tokens, "vocab": len(text.tokenizer),
@@ -60,14 +66,17 @@ def fingerprint(s: PrepareSettings, codec: Codec, text: T5TextEncoder, manifest:
 def encode_record(record: Record, slot: int, s: PrepareSettings, codec: Codec, text: T5TextEncoder,
                   context_frames: list[int] | str) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of one record (raises BadRecord on bad input)."""
-    clips = load_shots(record, s.height, s.width, s.fps, s.shot_frames)
+    clips = load_shots(record, s.height, s.width, s.fps, s.shot_frames, s.long_shots,
+                       lambda n: codec.whole_chunks(n, s.chunk_frames))
     dtype = DTYPES[s.latent_dtype]
     tensors: dict[str, torch.Tensor] = {}
+    candidates = []
     for j, clip in enumerate(clips):
         pixels = pixels_from_uint8(torch.from_numpy(clip)).unsqueeze(0)
         tensors[f"{slot}/shot{j}/latents"] = codec.encode(pixels)[0].to("cpu", dtype)
-        if context_frames != "shot":
-            picked = codec.encode_frames(pixels[:, :, context_frames])[0]
+        if context_frames != "shot":  # every frame the rule may pick from this shot, for any history
+            candidates.append(candidate_frames(len(clip), s.strategy, s.budget))
+            picked = codec.encode_frames(pixels[:, :, candidates[-1]])[0]
             tensors[f"{slot}/shot{j}/frames"] = picked.to("cpu", dtype)
     captions = [record.global_caption] + [shot.caption for shot in record.shots]
     embeddings = text.encode(captions)
@@ -77,8 +86,10 @@ def encode_record(record: Record, slot: int, s: PrepareSettings, codec: Codec, t
         if s.caption_layout == "joint":  # the whole prompt up to shot j, encoded as one string
             tensors[f"{slot}/shot{j}/joint_text"] = text.joint_text(captions[0], captions[1:j + 2]).to(dtype)
     meta = {"id": record.id, "line": record.line, "slot": slot, "global_caption": record.global_caption,
-            "captions": captions[1:], "facts": record.facts,
-            "latent_frames": codec.latent_frames(s.shot_frames)}
+            "captions": captions[1:], "facts": record.facts, "shot_frames": [len(c) for c in clips],
+            "latent_frames": [codec.latent_frames(len(c)) for c in clips]}
+    if candidates:
+        meta["context_frames"] = candidates
     return tensors, meta
 
 
@@ -129,7 +140,10 @@ def _committed(out: Path, name: str, settings: dict) -> bool:
         changed = sorted(k for k in settings if meta.get("settings", {}).get(k) != settings[k])
         raise ValueError(f"{out / name}.json was prepared with other settings ({', '.join(changed)}); "
                          "prepare into a new folder")
-    return True
+    problem = shard_problem(out, name, meta)  # truncated, replaced or deleted since it was written
+    if problem:
+        print(f"{out / name}: {problem}; preparing the shard again", file=sys.stderr, flush=True)
+    return problem is None
 
 
 def finish(manifest: str | Path, out: str | Path, records_per_shard: int) -> dict:

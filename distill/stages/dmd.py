@@ -115,17 +115,20 @@ class DMDStage:
         return SelfForcingGenerator(student, lockstep=cfg.deepspeed.zero_stage == 3), critic, real
 
     def _geometry(self, student) -> None:
-        """Latent shape of a shot and its chunk count, from the prepared data and the codec."""
+        """Latent shape of a shot and the chunks of a caption-only shot (the longest whole-chunk length a
+        prepared shot may have; a dmd_intra target rolls out as many chunks as it has), from the prepared
+        data and the codec."""
         data = PreparedData(prepared_dir(self.cfg))
         self.prepared = data
-        frames = self.codec.latent_frames(data.shot_frames)
         self.height = self.cfg.data.height // self.codec.spatial_factor
         self.width = self.cfg.data.width // self.codec.spatial_factor
         chunk = student.settings.chunk_frames
-        if frames % chunk:
-            raise ValueError(f"shots of {frames} latent frames (data.shot_frames={data.shot_frames}) are not a "
-                             f"whole number of {chunk}-frame chunks")
-        self.chunks = frames // chunk
+        longest = self.codec.whole_chunks(data.shot_frames, chunk)
+        if not longest:
+            raise ValueError(f"shots of at most data.shot_frames={data.shot_frames} frames hold no whole "
+                             f"{chunk}-frame chunk")
+        self.chunks = self.codec.latent_frames(longest) // chunk
+        self.student_chunk = chunk
         s = student.settings
         self.context_fn = latent_context_fn(s.context_strategy, s.context_frames) \
             if self.cfg.dmd.context_from == "latents" else ReencodedContext(self.codec, s.context_strategy,
@@ -222,7 +225,8 @@ class DMDStage:
         exit_step = draw_exit_step(cfg.run.seed, step, len(gen_engine.module.student.settings.denoising_steps))
         texts, first = self._prompts(batch)
         with torch.set_grad_enabled("generator" in due):
-            shots = rollout_shots(gen_engine(texts, self.chunks, exit_step, self.height, self.width,
+            chunks = self.chunks if self.inter else batch["latents"].shape[2] // self.student_chunk
+            shots = rollout_shots(gen_engine(texts, chunks, exit_step, self.height, self.width,
                                              first_context=first, context_fn=self.context_fn))
         timesteps = lambda b: draw_timesteps(b, dmd.timestep_shift, dmd.min_t, dmd.max_t, device=device)  # noqa: E731
         gen_losses, norms, critic_losses = [], [], []

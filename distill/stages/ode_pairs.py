@@ -37,14 +37,14 @@ from omegaconf import DictConfig
 from distill.data.components import negative_text, prepared_dir
 from distill.data.datasets import ShotDataset
 from distill import layout
-from distill.data.shards import INDEX, read_json, shard_name, write_json, write_shard
+from distill.data.shards import INDEX, read_json, shard_name, shard_problem, write_json, write_shard
 from distill.models import check_student_keys, student_timesteps
 from distill.seeds import derive_seed
 from student.context import Context, denoisers
 from teacher.sampler import draw_noise, sample
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-FORMAT = 1
+FORMAT = 2  # 2: pairs of many lengths (index records each target's latent frames)
 
 
 def pair_noise(seed: int, i: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -128,7 +128,10 @@ class OdePairsStage:
             changed = sorted(k for k in fingerprint if meta.get("fingerprint", {}).get(k) != fingerprint[k])
             raise ValueError(f"{self.out / name}.json was sampled with other settings ({', '.join(changed)}); "
                              f"delete {self.out} to sample again")
-        return True
+        problem = shard_problem(self.out, name, meta)  # truncated, replaced or deleted since
+        if problem:
+            print(f"{self.out / name}: {problem}; sampling the shard again", file=sys.stderr, flush=True)
+        return problem is None
 
     def run(self) -> dict[str, float]:
         from distill.distributed import all_sum, barrier
@@ -179,7 +182,8 @@ class OdePairsStage:
                     tensors.update(pair_tensors(slot, item, noise, result, store))
                     pairs.append({"pair": i, "item": j, "record": item["record"],
                                   "target_shot": int(item["target_shot"]),
-                                  "context_frames": item["context"].frames})
+                                  "context_frames": item["context"].frames,
+                                  "frames": int(item["latents"].shape[1])})
                     bar.update(1)
                 write_shard(self.out, shard_name(k), tensors, {"fingerprint": fingerprint, "pairs": pairs})
 

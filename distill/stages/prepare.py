@@ -29,7 +29,8 @@ def settings_of(cfg: DictConfig) -> PrepareSettings:
     return PrepareSettings(height=d.height, width=d.width, fps=d.fps, shot_frames=d.shot_frames,
                            records_per_shard=d.records_per_shard, latent_dtype=d.latent_dtype,
                            strategy=d.context.strategy, budget=d.context.budget,
-                           caption_layout=cfg.text_encoder.caption_layout)
+                           caption_layout=cfg.text_encoder.caption_layout, long_shots=d.long_shots,
+                           chunk_frames=cfg.student.chunk_frames)
 
 
 def prepare(cfg: DictConfig, manifest: str | Path | None, out: str | Path, rank: int = 0,
@@ -68,7 +69,7 @@ class PrepareStage:
 
     folder = layout.PREPARE
     produces = "prepared"
-    reads = ("data", "codec", "text_encoder")
+    reads = ("data", "codec", "text_encoder", "student.chunk_frames")
 
     def __init__(self, cfg: DictConfig, ctx) -> None:
         self.cfg, self.ctx = cfg, ctx
