@@ -1,5 +1,7 @@
 """Chunk-causal attention throughput on a GPU: our Triton kernel against FlexAttention, SDPA with a
-dense boolean mask, and a loop of dense SDPA calls per chunk; bf16, forward and backward.
+dense boolean mask, and a loop of dense SDPA calls per chunk; bf16, forward and backward, at the
+training shape (2 context chunks + 9 chunks, queries = keys) and the decoding shape (one chunk of
+queries over a full cache: 2 global + 7 local chunks + itself, every key visible).
 
 TFLOP/s count visible (query, key) pairs only: forward 4·pairs·D, backward 2.5× that (the
 FlashAttention convention). The table and the tile census go into benchmarks/RESULTS.md under
@@ -18,38 +20,48 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import chunk_causal_attention, chunk_causal_mask
+from kernels import chunk_causal_mask, triton_attention
+from kernels.dispatch import flex_attention
 from kernels.kernel_config import TileConfig, tile_configs
 from kernels.reference import full_key_run, key_span, key_tiles, resolve_window, visible
-from teacher.files import write_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also when loaded by path
+import results  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+RESULTS = results.RESULTS
 SECTION = "## Attention"
 
 # Student geometry from notes/algorithms.md: a chunk is 3 latent frames of 1560 tokens; the
-# global cache holds 2 chunks; training sees 9 target chunks.
+# global cache holds 2 chunks, the local cache 7; training sees 9 target chunks.
 TOKENS_PER_CHUNK = 3 * 1560
 HEADS, HEAD_DIM = 12, 128
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One benchmarked problem: the sequence length (queries = keys) and the mask geometry."""
+    """One benchmarked problem: `length` keys, `q_length` queries (default: as many, query i at key
+    position i) and the mask geometry."""
 
     name: str
     length: int
     prefix_len: int
     chunk_len: int
     window_chunks: int | None = None
+    q_length: int | None = None
+
+    @property
+    def queries(self) -> int:
+        return self.length if self.q_length is None else self.q_length
 
     def geometry(self) -> dict:
         return dict(prefix_len=self.prefix_len, chunk_len=self.chunk_len, window_chunks=self.window_chunks)
 
 
 def student_shapes(chunk: int = TOKENS_PER_CHUNK) -> list[Shape]:
-    """The training shape: a prefix of 2 chunks + 9 chunks."""
+    """The training shape (a prefix of 2 chunks + 9 chunks) and the decoding shape (one chunk of
+    queries over 10 chunks of keys, all visible: the whole sequence is the prefix)."""
     prefix = 2 * chunk
-    return [Shape("training", prefix + 9 * chunk, prefix, chunk)]
+    return [Shape("training", prefix + 9 * chunk, prefix, chunk),
+            Shape("decoding", 10 * chunk, 10 * chunk, chunk, q_length=chunk)]
 
 
 def visible_pairs(shape: Shape, device: torch.device, rows_per_step: int = 512) -> int:
@@ -57,8 +69,8 @@ def visible_pairs(shape: Shape, device: torch.device, rows_per_step: int = 512) 
     window = resolve_window(shape.window_chunks, shape.length, shape.prefix_len, shape.chunk_len)
     k_pos = torch.arange(shape.length, device=device)[None, :]
     total = 0
-    for r0 in range(0, shape.length, rows_per_step):
-        rows = torch.arange(r0, min(r0 + rows_per_step, shape.length), device=device)[:, None]
+    for r0 in range(0, shape.queries, rows_per_step):
+        rows = torch.arange(r0, min(r0 + rows_per_step, shape.queries), device=device)[:, None]
         total += int(visible(rows, k_pos, shape.prefix_len, shape.chunk_len, window).sum())
     return total
 
@@ -86,35 +98,23 @@ def tile_census(shape: Shape, block_m: int, block_n: int) -> dict[str, float]:
 
 
 def run_triton(shape: Shape):
-    return lambda q, k, v: chunk_causal_attention(q, k, v, **shape.geometry(), backend="triton")
+    """Our kernel as it is (no self-check); fewer queries than keys go to the autograd Function directly."""
+    if shape.q_length is None:
+        return lambda q, k, v: triton_attention(q, k, v, **shape.geometry())
+    from kernels.chunk_attention import ChunkCausalAttention
 
-
-def flex_mask_mod(shape: Shape):
-    """FlexAttention's mask_mod for a shape: the same rule, on FlexAttention's index tensors."""
-    window = resolve_window(shape.window_chunks, shape.length, shape.prefix_len, shape.chunk_len)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return visible(q_idx, kv_idx, shape.prefix_len, shape.chunk_len, window)
-    return mask_mod
+    return lambda q, k, v: ChunkCausalAttention.apply(q, k, v, shape.prefix_len, shape.chunk_len, shape.window_chunks)
 
 
 def run_flex(shape: Shape):
-    """FlexAttention (compiled) with a block mask built from the same rule."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    block_mask = create_block_mask(flex_mask_mod(shape), None, None, shape.length, shape.length, device="cuda",
-                                   _compile=True)
-    compiled = torch.compile(flex_attention)
-
-    def fn(q, k, v):
-        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
-        return out.transpose(1, 2)
-    return fn
+    """FlexAttention with a block mask built from the same rule: the dispatcher's `flex` backend
+    (compiled on CUDA, block mask cached per shape; on CPU eager and forward only)."""
+    return lambda q, k, v: flex_attention(q, k, v, **shape.geometry())
 
 
-def run_sdpa_dense_mask(shape: Shape):
-    """SDPA with the dense [L, L] boolean mask (the reference backend), the mask built once outside timing."""
-    mask = chunk_causal_mask(shape.length, shape.length, **shape.geometry(), device="cuda")
+def run_sdpa_dense_mask(shape: Shape, device: str = "cuda"):
+    """SDPA with the dense [Lq, Lk] boolean mask (the sdpa backend), the mask built once outside timing."""
+    mask = chunk_causal_mask(shape.queries, shape.length, **shape.geometry(), device=device)
 
     def fn(q, k, v):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
@@ -126,9 +126,9 @@ def run_chunk_loop(shape: Shape):
     """One unmasked SDPA call per query chunk over the keys that chunk sees (prefix + key_span)."""
     length = shape.length
     window = resolve_window(shape.window_chunks, length, shape.prefix_len, shape.chunk_len)
-    starts = sorted({0, *range(shape.prefix_len, length, shape.chunk_len)} - {length})
+    starts = sorted({0, *range(shape.prefix_len, shape.queries, shape.chunk_len)} - {shape.queries})
     segments = []
-    for a, b in zip(starts, [*starts[1:], length]):
+    for a, b in zip(starts, [*starts[1:], shape.queries]):
         lo, hi = key_span(a, b - 1, length, shape.prefix_len, shape.chunk_len, window)
         prefix = min(shape.prefix_len, length)
         spans = [(0, prefix)] if prefix > 0 else []
@@ -155,32 +155,50 @@ CONTENDERS = {"triton (ours)": run_triton, "flex_attention": run_flex, "sdpa + d
 # Timing and the report
 
 
-def time_ms(fn, q, k, v, dout) -> tuple[float, float]:
-    """(forward ms, backward ms) medians; the backward replays one retained graph."""
-    from triton.testing import do_bench
+def _cpu_ms(fn, repeats: int = 3) -> float:
+    import statistics
+    import time
 
-    forward = do_bench(lambda: fn(q, k, v), return_mode="median")
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_ms(fn, q, k, v, dout) -> tuple[float, float]:
+    """(forward ms, backward ms) medians (triton's do_bench on CUDA, a plain timer on CPU); the
+    backward replays one retained graph."""
+    if q.is_cuda:
+        from triton.testing import do_bench
+
+        bench = lambda f, **kw: do_bench(f, return_mode="median", **kw)  # noqa: E731
+    else:
+        bench = lambda f, **kw: _cpu_ms(f, repeats=1)  # noqa: E731 - CPU: the smoke run, not a measurement
+    forward = bench(lambda: fn(q, k, v))
     out = fn(q, k, v)
-    backward = do_bench(lambda: out.backward(dout, retain_graph=True), grad_to_none=[q, k, v],
-                        return_mode="median")
+    backward = bench(lambda: out.backward(dout, retain_graph=True), grad_to_none=[q, k, v])
     return forward, backward
 
 
-def bench_shape(shape: Shape, batch: int = 1) -> list[dict]:
-    """One row per contender: ms and TFLOP/s forward and backward, and max |out - ours|."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+def bench_shape(shape: Shape, batch: int = 1, heads: int = HEADS, head_dim: int = HEAD_DIM, device: str = "cuda",
+                dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """One row per contender: ms and TFLOP/s forward and backward, and max |out - ours|. A contender
+    that cannot run here (out of memory, no CPU backward) gets its reason instead."""
+    g = torch.Generator(device=device).manual_seed(0)
 
     def make(n: int) -> torch.Tensor:
-        return torch.randn(batch, n, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
-                           generator=g).requires_grad_(True)
-    q, k, v = (make(shape.length) for _ in range(3))
+        return torch.randn(batch, n, heads, head_dim, device=device, dtype=dtype, generator=g).requires_grad_(True)
+    q, k, v = make(shape.queries), make(shape.length), make(shape.length)
     dout = torch.randn_like(q)
-    flop_fwd = 4.0 * visible_pairs(shape, q.device) * HEAD_DIM * batch * HEADS
+    flop_fwd = 4.0 * visible_pairs(shape, q.device) * head_dim * batch * heads
     ours = None
     rows = []
     for name, build in CONTENDERS.items():
+        fn = out = None
         try:
-            fn = build(shape)
+            fn = build(shape, device) if build is run_sdpa_dense_mask else build(shape)
             with torch.no_grad():
                 out = fn(q, k, v)
             ours = out if ours is None else ours
@@ -189,8 +207,12 @@ def bench_shape(shape: Shape, batch: int = 1) -> list[dict]:
                              bwd_tflops=2.5 * flop_fwd / bwd / 1e9, max_diff=(out - ours).abs().max().item()))
         except torch.OutOfMemoryError:
             rows.append(dict(name=name, error="out of memory"))
+        except Exception as e:  # noqa: BLE001 - e.g. FlexAttention's missing CPU backward: a row, not a crash
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+            rows.append(dict(name=name, error=f"{type(e).__name__}{' on CPU' if not q.is_cuda else ': ' + first}"))
         fn = out = None  # drop this contender's buffers (a dense mask is GBs) before the next one
-        torch.cuda.empty_cache()
+        if q.is_cuda:
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -281,21 +303,20 @@ def format_section(gpu: str | None, tables: dict[str, list[dict]], census: dict[
 
 def write_section(text: str, path: Path = RESULTS) -> None:
     """Replace (or append) the "## Attention" section of RESULTS.md, atomically."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("" if end < 0 else "\n" + old[end + 1:])
-    write_atomic(path, new)
+    results.write_section(text, path)
+
+
+def shape_label(s: Shape) -> str:
+    if s.q_length is None:
+        return f"{s.name}: {s.length} tokens (prefix {s.prefix_len}, chunk {s.chunk_len})"
+    return f"{s.name}: {s.queries} queries over {s.length} keys (all visible)"
 
 
 def census_rows() -> dict[str, dict]:
     """Tile census of the student shapes at 128x128 tiles and at the kernels' own forward tiles."""
     fwd = tile_configs(HEAD_DIM, torch.bfloat16, on_cuda=True)["forward"]
     rows = {}
-    for shape in student_shapes():
+    for shape in student_shapes()[:1]:  # queries = keys: the training shape
         for bm, bn in {(128, 128), (fwd.block_m, fwd.block_n)}:
             c = tile_census(shape, bm, bn)
             c["tiles"] = f"{-(-shape.length // bm)} x {-(-shape.length // bn)}"
@@ -315,8 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("benchmarks/attention.py: needs a CUDA GPU and none is visible "
                          "(use --census-only to refresh the tile census without one)")
     census = census_rows()
-    tables = {f"{s.name}: {s.length} tokens (prefix {s.prefix_len}, chunk {s.chunk_len})":
-              bench_shape(s) for s in student_shapes()}
+    tables = {shape_label(s): bench_shape(s) for s in student_shapes()}
     train = student_shapes()[0]
     sweep = format_sweep(train, sweep_tiles(train)) if args.sweep else None
     write_section(format_section(torch.cuda.get_device_name(), tables, census, sweep))

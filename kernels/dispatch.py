@@ -231,14 +231,19 @@ def _has_flex() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=32)
-def flex_block_mask(q_len: int, k_len: int, prefix_len: int, chunk_len: int, window: int, device: str):
-    """FlexAttention's block mask of the chunk-causal rule (the same `visible` function), cached per shape."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def chunk_mask_mod(prefix_len: int, chunk_len: int, window: int):
+    """FlexAttention's mask_mod of the chunk-causal rule: the same `visible` function, on its index tensors."""
     def mask_mod(b, h, q_idx, kv_idx):
         return visible(q_idx, kv_idx, prefix_len, chunk_len, window)
-    return create_block_mask(mask_mod, None, None, q_len, k_len, device=device)
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=32)
+def flex_block_mask(q_len: int, k_len: int, prefix_len: int, chunk_len: int, window: int, device: str):
+    """FlexAttention's block mask of the chunk-causal rule, cached per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(chunk_mask_mod(prefix_len, chunk_len, window), None, None, q_len, k_len, device=device)
 
 
 @functools.cache
