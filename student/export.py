@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from student.folder import (COMPONENT_FOLDERS, FORMAT, GENERATOR_FILE, INDICATOR_FILE, TRANSFORMER,
-                            read_folder)
+                            read_folder, record_files)
 from student.model import CausalStudent
 from teacher.encoders import component_folder
 from teacher.files import atomic_folder, write_atomic
@@ -70,7 +70,8 @@ def save_student(student: CausalStudent, folder: str | os.PathLike, components: 
             save_file({"shot_indicator": student.shot_indicator.detach().contiguous().cpu()},
                       str(tmp / INDICATOR_FILE))
         described = {name: _component(name, value, tmp, copy) for name, value in (components or {}).items()}
-        meta = {"format": FORMAT, "student": student.settings.to_dict(), "components": described}
+        meta = {"format": FORMAT, "student": student.settings.to_dict(), "components": described,
+                "files": record_files(tmp)}  # checked on load (student/folder.py verify_files)
         write_atomic(tmp / GENERATOR_FILE, json.dumps(meta, indent=2) + "\n")
     return Path(folder)
 

@@ -49,7 +49,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from student.folder import read_folder
+from student.folder import INDICATOR_FILE, TRANSFORMER, read_folder, verify_files
 from student.context import Context, pick_context
 from student.model import CausalStudent
 from student.sampling import ChunkStream
@@ -155,6 +155,9 @@ class StreamingGenerator:
                     references: Sequence[Reference] = ()) -> "StreamingGenerator":
         """Load a student folder (a serving export or a stage's `student/`); no DeepSpeed."""
         info = read_folder(folder)
+        # the component folders held inside, against generator.json's sizes and sha256 (the
+        # transformer is verified by from_pretrained)
+        verify_files(info, lambda rel: not rel.startswith(f"{TRANSFORMER}/") and rel != INDICATOR_FILE)
         student = CausalStudent.from_pretrained(folder, torch_dtype=dtype).to(device)
         codec, text, video = load_components(info.components, info.folder, device)
         return cls(student, codec, text, video, global_prompt=global_prompt, seed=seed, references=references)
@@ -230,10 +233,15 @@ class StreamingGenerator:
             self.stream.begin_shot(shot.text.unsqueeze(0), self._context())
         pending: dict[int, torch.Tensor] = {}
         previous, offset = None, 0
-        for _ in range(chunks):
+        for index in range(chunks):
             with torch.no_grad():
                 x0 = self.stream.next_chunk(self.rng)
                 pixels = self._decode(x0, previous)  # [3, f, H, W]
+            if not torch.isfinite(pixels).all():  # NaN frames would be written as black
+                culprit = "student" if not torch.isfinite(x0).all() else "decoder"
+                raise FloatingPointError(
+                    f"shot {len(self.shots) + 1}, chunk {index + 1}: the {culprit} produced non-finite values "
+                    "(damaged weights, or an overflow in this dtype); nothing more is generated")
             source = x0[0] if self.codec.frames_are_latents else pixels
             for j in range(pixels.shape[1]):
                 if offset + j in keep:

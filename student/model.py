@@ -25,7 +25,7 @@ from torch import nn
 
 from kernels import chunk_causal_attention
 from teacher.backbone import Attention, KVProvider, TextKV, WanBackbone
-from student.folder import GENERATOR_FILE, INDICATOR_FILE, TRANSFORMER, read_folder, require
+from student.folder import GENERATOR_FILE, INDICATOR_FILE, TRANSFORMER, read_folder, require, verify_files
 from student.settings import StudentSettings, settings_from_dict
 from teacher.rope import shot_positions
 
@@ -86,6 +86,9 @@ class CausalStudent(nn.Module):
         if not list((root / TRANSFORMER).glob("*.safetensors")):
             raise FileNotFoundError(f"{root}: student folder is missing {TRANSFORMER}/*.safetensors")
         settings = settings_from_dict(info.settings, root / GENERATOR_FILE)
+        # what this loads, against the sizes and sha256 generator.json records (a corrupted byte
+        # would otherwise load as weights)
+        verify_files(info, lambda rel: rel.startswith(f"{TRANSFORMER}/") or rel == INDICATOR_FILE)
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         transformer = WanTransformer3DModel.from_pretrained(str(root / TRANSFORMER), **kwargs)
         student = cls(transformer, settings, attention_backend=attention_backend)

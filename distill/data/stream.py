@@ -1,11 +1,13 @@
 """An endless, resumable stream of micro-batches: each rank a disjoint share, order fixed by the seed.
 
-Epoch e's batches are a pure function of (seed, e, rank, world size): the items are permuted with
-a generator seeded by the stream ("data-order", e) of the seed; walking that permutation, each item joins the open batch of its
-group (`dataset.group(i)`, e.g. its context length, so that tensors stack) and a batch is emitted
-when full; leftovers that never fill a batch wait for the next epoch's shuffle. Batch b of the epoch
-belongs to rank b mod world, and every rank stops at the same count, so ranks never share an item
-and all take the same number of steps per epoch.
+Epoch e's batches are a pure function of (seed, e, rank, world size): the items are permuted with a
+generator seeded by the stream ("data-order", e) of the seed; walking that permutation, each item
+joins the open batch of its group (`dataset.group(i)`, e.g. its context and target lengths, so that
+tensors stack) and a batch is emitted when full; leftovers that never fill a batch wait for the next
+epoch's shuffle. Batches then form steps of `world` batches of one group, in the order they fill
+(ranks in lockstep: the same shapes on every rank at every step); step s gives rank r its r-th
+batch, so ranks never share an item and all take the same number of steps per epoch. With one rank
+the steps are the batches in order.
 
 `state_dict()` = {"epoch", "batch"} (the next batch to draw); `load_state_dict` continues from it.
 """
@@ -28,20 +30,38 @@ def epoch_batches(dataset, batch_size: int, seed: int, epoch: int, rank: int, wo
         order = torch.randperm(len(dataset), generator=gen).tolist()
     else:
         order = list(range(len(dataset)))
+    steps = _lockstep(_batches(dataset, order, batch_size), world)
+    if not steps:
+        raise ValueError(f"{len(dataset)} items make too few full batches of {batch_size} of one group "
+                         f"for {world} ranks")
+    return [step[rank] for step in steps]
+
+
+def _batches(dataset, order: list[int], batch_size: int) -> list[tuple[Any, list[int]]]:
+    """(group, items) of the full batches walking `order`, each item joining its group's open batch."""
     open_: dict[Any, list[int]] = {}
-    batches: list[list[int]] = []
+    batches = []
     for i in order:
         key = dataset.group(i)
         group = open_.setdefault(key, [])
         group.append(i)
         if len(group) == batch_size:
-            batches.append(group)
+            batches.append((key, group))
             open_[key] = []
-    per_rank = len(batches) // world
-    if per_rank == 0:
-        raise ValueError(f"{len(dataset)} items make {len(batches)} full batches of {batch_size}: "
-                         f"too few for {world} ranks")
-    return batches[rank::world][:per_rank]
+    return batches
+
+
+def _lockstep(batches: list[tuple[Any, list[int]]], world: int) -> list[list[list[int]]]:
+    """Steps of `world` batches of one group, in the order they fill: every rank's batch of a step has
+    the same shapes (a rollout then makes as many passes on every rank, which ZeRO-3 needs)."""
+    steps, pending = [], {}
+    for key, batch in batches:
+        waiting = pending.setdefault(key, [])
+        waiting.append(batch)
+        if len(waiting) == world:
+            steps.append(waiting)
+            pending[key] = []
+    return steps
 
 
 def collate(samples: list[dict]) -> dict:
