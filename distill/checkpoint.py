@@ -245,7 +245,8 @@ def discard(path: Path) -> None:
     shutil.rmtree(gone, ignore_errors=True)
 
 
-def save(folder: Path, engines: dict, client: dict[str, Any], env: DistEnv) -> None:
+def save(folder: Path, engines: dict, client: dict[str, Any], env: DistEnv,
+         fingerprint: dict | None = None) -> None:
     """Collective: write every engine's state and this rank's state, fsync them, then commit
     (rank 0: a marker that lists every file and its size)."""
     folder = Path(folder)
@@ -263,6 +264,8 @@ def save(folder: Path, engines: dict, client: dict[str, Any], env: DistEnv) -> N
     barrier()
     if env.is_main:
         marker = {"step": client.get("step"), "files": _inventory(folder)}
+        if fingerprint is not None:  # the keys that made it (distill/keys.py), checked on resume
+            marker["fingerprint"] = fingerprint
         write_atomic(folder / MARKER, json.dumps(marker) + "\n")
         _fsync(folder)
     barrier()

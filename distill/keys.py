@@ -14,10 +14,20 @@ failing with one line that names the key and the stage:
    recorded `config.yaml` when it has finished (it will not run again), else its planned recipe.
    E.g. `student.local_chunks` on a DMD recipe whose generator was built with another value, or a
    `data.context.budget` other than the one the student was initialised with, cannot take effect.
+
+Fingerprints: the resolved keys a stage reads, minus `NEUTRAL` keys that cannot change its result
+(logging, checkpoint cadence, collective timeouts, the run's name and place, memory layout), are
+its fingerprint (`fingerprint`). The runner records it in the stage's `DONE` and the trainer in
+every checkpoint's `COMMITTED` (without `train.steps`: a checkpoint may be trained on to another
+length). A finished stage is reused, and a checkpoint resumed, only when the fingerprint still
+matches; otherwise the run stops naming every differing key, old → new (`check_fingerprint`),
+unless `resume=force`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,6 +42,15 @@ TRAINING = ("train", "deepspeed")
 # what a stage leaving a student folder describes in it (distill/models.py `student_components`)
 STUDENT_FOLDER = ("codec", "text_encoder", "data.height", "data.width", "data.fps", "data.shot_frames")
 RECIPE_ONLY = ("base",)  # recipe-file syntax, not a key of the schema
+# keys that cannot change what a stage computes: they may differ from what a finished or checkpointed
+# stage recorded (how it is logged and checkpointed, how long collectives wait, the run's name and place,
+# which recipes are run, the attention kernel and DeepSpeed's memory layout, the abort threshold)
+NEUTRAL = ("needs", "pipeline", "resume", "overrides", "run.name", "run.out", "run.dist_timeout", "logging",
+           "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps", "train.gradient_checkpointing",
+           "model.attention", "deepspeed.offload_optimizer", "deepspeed.offload_params",
+           "deepspeed.reduce_bucket_size", "deepspeed.allgather_bucket_size", "deepspeed.prefetch_bucket_size",
+           "deepspeed.param_persistence_threshold")
+CHECKPOINT_NEUTRAL = ("train.steps",)  # a checkpoint may be trained on to another length
 
 
 def _covers(prefix: str, key: str) -> bool:
@@ -99,6 +118,11 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every key whose value differs, sorted (None: absent on that side)."""
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def check_sources(path: Path, cfg: DictConfig, cls: type, folder: str, needs: dict[str, DictConfig],
                   run_dir: Path) -> None:
     """Check 3 of the module doc; `needs` maps each needed stage folder to its planned recipe."""
@@ -111,8 +135,41 @@ def check_sources(path: Path, cfg: DictConfig, cls: type, folder: str, needs: di
         theirs = OmegaConf.load(built) if layout.done_record(run_dir / name) and built.is_file() else needs[name]
         state = "was built with" if theirs is not needs[name] else "is planned with"
         for prefix in prefixes:
-            mine, other = _leaves(cfg, prefix), _leaves(theirs, prefix)
-            for leaf in sorted(mine):
-                if mine[leaf] != other.get(leaf):
-                    raise ConfigError(f"{path}: {leaf}={mine[leaf]!r} cannot take effect in stage {folder}: "
-                                      f"its input {key}={name!r} {state} {other.get(leaf)!r}")
+            planned = _leaves(cfg, prefix)
+            for leaf, other, mine in [d for d in differences(_leaves(theirs, prefix), planned) if d[0] in planned][:1]:
+                raise ConfigError(f"{path}: {leaf}={mine!r} cannot take effect in stage {folder}: "
+                                  f"its input {key}={name!r} {state} {other!r}")
+
+
+def fingerprint(cls: type | None, cfg: DictConfig, checkpoint: bool = False) -> dict:
+    """{"sha256": digest, "keys": {key: value}}: the resolved keys of `cfg` the stage class `cls` reads,
+    less NEUTRAL (and, for a checkpoint, CHECKPOINT_NEUTRAL) ones; JSON, for DONE and COMMITTED."""
+    reads = stage_reads(cls, cfg)
+    neutral = NEUTRAL + (CHECKPOINT_NEUTRAL if checkpoint else ())
+    leaves = _flat(OmegaConf.to_container(cfg, resolve=True))
+    shaping = {k: v for k, v in sorted(leaves.items())
+               if any(_covers(p, k) for p in reads) and not any(_covers(n, k) for n in neutral)}
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+    return {"sha256": digest, "keys": shaping}
+
+
+def fingerprint_changes(recorded: dict | None, current: dict | None) -> list[str]:
+    """'key: old → new' for every key the recorded fingerprint and the current one disagree on
+    ([] when either is missing: made before fingerprints, or not checked)."""
+    if not isinstance(recorded, dict) or not isinstance(current, dict) or "keys" not in recorded:
+        return []
+    if recorded.get("sha256") == current["sha256"]:
+        return []
+    absent = "(absent)"
+    return [f"{k}: {absent if old is None else repr(old)} → {absent if new is None else repr(new)}"
+            for k, old, new in differences(recorded["keys"], current["keys"])]
+
+
+def check_fingerprint(recorded: dict | None, current: dict | None, what: str, force: bool = False) -> list[str]:
+    """Stop (ConfigError listing the differing keys) when `what` (a finished stage or a checkpoint) was
+    made with other keys than the current ones, unless `force`; return the differences."""
+    changes = fingerprint_changes(recorded, current)
+    if changes and not force:
+        raise ConfigError(f"{what} was made with other settings: {'; '.join(changes)}. Run with those values, "
+                          "choose another run.name, or set resume=force to use it anyway")
+    return changes

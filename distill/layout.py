@@ -2,14 +2,14 @@
 
     <run.out>/<run.name>/
       .lock                       held (flock) by rank 0 of the one run writing the folder: host, pid
-      config.yaml                 the invoked recipe, resolved
+      config.yaml                 the invoked recipe, resolved (written when some stage of it runs)
       tb/<stage>/                 TensorBoard events, one folder per stage
       <stage>/                    one folder per stage (the stage class's `folder`):
         config.yaml               its resolved recipe
         deepspeed.<model>.json    the derived DeepSpeed config of each trained model
         checkpoints/step-NNNNNN/  committed checkpoints
         metrics.json              its final numbers
-        DONE                      written last: {"metrics", "wall_s", "produces", ...}
+        DONE                      written last: {"metrics", "wall_s", "produces", "fingerprint", ...}
         model/ | student/         its product (what the stage class declares it `produces`)
       prepare/ export/ eval/      the folders of the prepare, export and eval stages
 

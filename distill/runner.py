@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distill import keys, layout
 from distill.config import ConfigError, load_recipe, to_yaml
@@ -72,7 +72,28 @@ def plan(path: str | Path, overrides: list[str], top: DictConfig | None = None,
         for n in _stages(node):
             keys.check_sources(n.path, n.cfg, n.cls, n.folder, {m.folder: m.cfg for m in n.needs if m.folder},
                                run_dir)
+        for n in _stages(node):
+            recorded_changes(n, run_dir)  # a finished or checkpointed stage made with other keys stops here
     return node
+
+
+def recorded_changes(node: Node, run_dir: Path) -> tuple[str, list[str]]:
+    """What the stage would reuse (its DONE, else with resume=auto|force its newest committed checkpoint)
+    and how the keys it was made with differ from the planned ones (distill/keys.py fingerprints).
+    Differences stop the run (ConfigError, before any compute) unless resume=force."""
+    from distill import checkpoint
+    stage_dir = run_dir / node.folder
+    force = node.cfg.resume == "force"
+    record = layout.done_record(stage_dir)
+    if record is not None:
+        what = f"{stage_dir}: finished stage {node.folder}"
+        return what, keys.check_fingerprint(record.get("fingerprint"), keys.fingerprint(node.cls, node.cfg), what, force)
+    done = checkpoint.committed(stage_dir / layout.CHECKPOINTS) if node.cfg.resume in ("auto", "force") else []
+    if not done:
+        return "", []
+    what = f"checkpoint {done[-1][1]}"
+    return what, keys.check_fingerprint(checkpoint.read_marker(done[-1][1]).get("fingerprint"),
+                                        keys.fingerprint(node.cls, node.cfg, checkpoint=True), what, force)
 
 
 def _stage_node(node: Node) -> None:
@@ -139,17 +160,21 @@ class Runner:
         self._say_discarded(node, stage_dir)
         self._write(stage_dir / layout.CONFIG, to_yaml(node.cfg))
         self.barrier()
+        force = node.cfg.resume == "force"
         ctx = StageContext(run_dir=self.run_dir, stage_dir=stage_dir,
                            tb_dir=layout.tb_dir(self.run_dir, node.folder), env=self.env,
                            recipe=node.path,
-                           needs={n.folder: self.run_dir / n.folder for n in node.needs if n.folder})
+                           needs={n.folder: self.run_dir / n.folder for n in node.needs if n.folder},
+                           fingerprint=keys.fingerprint(node.cls, node.cfg, checkpoint=True), force=force)
         write_run_info(ctx.tb_dir, node.cfg, main=self.env.is_main)  # HParams + custom-scalars layout
         seed_all(node.cfg.run.seed)  # model init must match on every rank
         t0 = time.perf_counter()
-        stage = node.cls(node.cfg, ctx)
+        # resume=force resumes as auto does, without comparing fingerprints (ctx.force)
+        stage = node.cls(OmegaConf.merge(node.cfg, {"resume": "auto"}) if force else node.cfg, ctx)
         metrics = stage.run()
         record = {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 3),
-                  "produces": getattr(node.cls, "produces", None), "finished": time.time()}
+                  "produces": getattr(node.cls, "produces", None), "finished": time.time(),
+                  "fingerprint": keys.fingerprint(node.cls, node.cfg)}
         if getattr(stage, "summary_table", None):  # a stage's own table for the summary (eval: per stage)
             record["table"] = stage.summary_table
         self.barrier()
@@ -239,7 +264,16 @@ def run_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, dict]:
     env = init_distributed(root.cfg.run.dist_timeout)
     runner = Runner(root, env)
     with run_lock(runner.run_dir, env):
-        runner._write(runner.run_dir / layout.CONFIG, to_yaml(root.cfg))
+        stages = _stages(root)
+        for node in stages:  # only resume=force lets differences through: say what it uses anyway
+            what, changes = recorded_changes(node, runner.run_dir)
+            if changes and env.is_main:
+                print(f"shotdistill: resume=force: using {what} although it was made with other settings: "
+                      f"{'; '.join(changes)}", file=sys.stderr, flush=True)
+        if any(layout.done_record(runner.run_dir / n.folder) is None for n in stages):
+            # the invoked recipe, when some stage of it runs (a run that only finds finished stages
+            # leaves the config.yaml of the run that made them)
+            runner._write(runner.run_dir / layout.CONFIG, to_yaml(root.cfg))
         runner.barrier()
         runner.execute(root)
     if env.is_main:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 import torch
 from omegaconf import DictConfig
 
-from distill import checkpoint, layout
+from distill import checkpoint, keys, layout
 from distill.deepspeed_config import deepspeed_config
 from distill.distributed import all_sum, barrier, broadcast_object, prepare_deepspeed
 from distill.logging import StageLogger
@@ -274,7 +274,8 @@ class Trainer:
 
     def save(self) -> Path:
         folder = checkpoint.step_dir(self.ckpt_root, self.step)
-        checkpoint.save(folder, self.engines, self._client_state(), self.env)
+        checkpoint.save(folder, self.engines, self._client_state(), self.env,
+                        fingerprint=getattr(self.ctx, "fingerprint", None))
         if self.env.is_main:
             checkpoint.prune(self.ckpt_root, self.cfg.train.keep_checkpoints)
         barrier()
@@ -331,6 +332,9 @@ class Trainer:
         folder, state = self._restore_state()
         if folder is None:
             return 0
+        # made with other recipe keys: stop naming them, unless resume=force (distill/keys.py)
+        keys.check_fingerprint(checkpoint.read_marker(folder).get("fingerprint"), getattr(self.ctx, "fingerprint", None),
+                               f"checkpoint {folder}", force=getattr(self.ctx, "force", False))
         checkpoint.load_engines(folder, self.engines)
         checkpoint.restore_rng(state.pop("rng"))
         self.step, self.bad_total = state["step"], state["bad_total"]

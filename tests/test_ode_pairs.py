@@ -23,8 +23,11 @@ from student.context import Context
 TINY = REPO / "recipes" / "tiny"
 ODE = TINY / "ode-pairs.yaml"
 # A small world: 3 videos of 32x32 frames, 6-frame shots (2 student chunks), a 1-layer teacher.
+# resume=force: the world's finished teacher (40 steps, no eval samples) is reused by runs whose
+# tree-wide train.* overrides plan it otherwise (its DONE fingerprint differs; distill/keys.py).
 WORLD = ["data.synth.videos=3", "data.synth.max_frames=8", "data.height=32", "data.width=32",
-         "data.shot_frames=6", "model.layers=1", "logging.progress=false", "logging.tensorboard=false"]
+         "data.shot_frames=6", "model.layers=1", "logging.progress=false", "logging.tensorboard=false",
+         "resume=force"]
 PAIRS = ["ode.pairs=7", "ode.pairs_per_shard=2", "ode.steps=4", "ode.guidance_scale=2.0"]
 _BUILT: dict[str, Path] = {}
 

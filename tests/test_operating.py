@@ -3,11 +3,11 @@ folder, fingerprinted stages, inputs that cannot escape, honest exit codes, vali
 
 from __future__ import annotations
 
-import argparse
+import json
 
 import pytest
+import yaml
 
-from conftest import write_recipe
 from distill.config import ConfigError, load_recipe
 from launch.cli import main
 
@@ -346,3 +346,77 @@ def test_launch_passes_sigterm_on_and_exits_143_after_the_checkpoint(tmp_path, t
     assert last.startswith("shotdistill: stopped by signal at step ") and last.endswith("checkpoint saved, "
                                                                                         "resume=auto continues from it")
     assert checkpoint.committed(stage / "checkpoints") and not (stage / "DONE").exists()
+
+
+# --------------------------------------------------------------------------- item 3: fingerprints in DONE and COMMITTED
+
+
+def test_finished_need_made_with_other_keys_is_not_reused(tmp_path, toy_recipe, capsys):
+    toy_recipe(tmp_path, "first", train={"steps": 2})                    # a 'prepare' at 64x64
+    second = toy_recipe(tmp_path, "second", stage="toy_stage:ToyStageB", needs=["first.yaml"], train={"steps": 2})
+    assert main(["run", str(second)]) == 0
+    run = tmp_path / "runs" / "second"
+    config, done = (run / "config.yaml").read_text(), (run / "toy" / "DONE").read_text()
+    (run / "toy-b" / "DONE").unlink()                                    # the consumer runs again ...
+    capsys.readouterr()
+    assert main(["run", str(second), "data.height=32", "optim.critic.lr=0.5"]) == 1   # ... asked for 32x32
+    assert _one_error(capsys) == (
+        f"shotdistill: error: {run / 'toy'}: finished stage toy was made with other settings: data.height: 64 → 32; "
+        "optim.critic.lr: 0.0001 → 0.5. Run with those values, choose another run.name, or set resume=force to use "
+        "it anyway")
+    assert (run / "config.yaml").read_text() == config                  # nothing ran: nothing rewritten
+    assert yaml.safe_load((run / "toy-b" / "config.yaml").read_text())["data"]["height"] == 64
+    assert main(["run", str(second), "logging.every=3", "train.keep_checkpoints=1"]) == 0   # cannot change a result
+    assert (run / "toy" / "DONE").read_text() == done
+
+
+def test_a_run_that_only_finds_finished_stages_leaves_config_yaml_alone(tmp_path, toy_recipe, capsys):
+    recipe = toy_recipe(tmp_path, train={"steps": 2})
+    assert main(["run", str(recipe)]) == 0
+    run = tmp_path / "runs" / "toy"
+    config = (run / "config.yaml").read_text()
+    assert main(["run", str(recipe), "logging.every=7"]) == 0            # done earlier: nothing ran
+    assert (run / "config.yaml").read_text() == config
+    capsys.readouterr()
+    assert main(["run", str(recipe), "optim.critic.lr=0.5", "resume=force"]) == 0
+    assert (f"shotdistill: resume=force: using {run / 'toy'}: finished stage toy although it was made with other "
+            "settings: optim.critic.lr: 0.0001 → 0.5") in capsys.readouterr().err.splitlines()
+    assert (run / "config.yaml").read_text() == config
+
+
+def test_checkpoint_made_with_other_keys_is_not_resumed(tmp_path, toy_recipe, capsys):
+    from distill import checkpoint
+
+    recipe = toy_recipe(tmp_path, train={"steps": 4, "checkpoint_every": 2})
+    assert main(["run", str(recipe)]) == 0
+    stage = tmp_path / "runs" / "toy" / "toy"
+    (stage / "DONE").unlink()                                            # as if stopped after step 4
+    marker = checkpoint.read_marker(stage / "checkpoints" / "step-000004")
+    assert marker["fingerprint"]["keys"]["optim.critic.lr"] == 0.0001 and "train.steps" not in marker["fingerprint"]["keys"]
+    config = (stage / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["run", str(recipe), "train.micro_batch=1", "train.checkpoint_every=3"]) == 1  # auto: before compute
+    assert _one_error(capsys) == (
+        f"shotdistill: error: checkpoint {stage / 'checkpoints' / 'step-000004'} was made with other settings: "
+        "train.micro_batch: 2 → 1. Run with those values, choose another run.name, or set resume=force to use it anyway")
+    assert (stage / "config.yaml").read_text() == config
+    older = stage / "checkpoints" / "step-000002"                         # a named folder: the trainer checks
+    assert main(["run", str(recipe), f"resume={older}", "optim.generator.lr=0.5"]) == 1
+    assert _one_error(capsys) == (
+        f"shotdistill: error: checkpoint {older} was made with other settings: optim.generator.lr: 0.0001 → 0.5. "
+        "Run with those values, choose another run.name, or set resume=force to use it anyway")
+    assert main(["run", str(recipe), "train.steps=6"]) == 0              # training on longer is the same run
+    assert json.loads((stage / "DONE").read_text())["metrics"]["steps"] == 6
+
+
+def test_resume_force_resumes_a_changed_checkpoint_and_says_so(tmp_path, toy_recipe, capsys):
+    recipe = toy_recipe(tmp_path, train={"steps": 4, "checkpoint_every": 2})
+    assert main(["run", str(recipe)]) == 0
+    stage = tmp_path / "runs" / "toy" / "toy"
+    (stage / "DONE").unlink()
+    capsys.readouterr()
+    assert main(["run", str(recipe), "resume=force", "optim.critic.lr=0.001", "train.steps=6"]) == 0
+    assert (f"shotdistill: resume=force: using checkpoint {stage / 'checkpoints' / 'step-000004'} although it was "
+            "made with other settings: optim.critic.lr: 0.0001 → 0.001") in capsys.readouterr().err.splitlines()
+    done = json.loads((stage / "DONE").read_text())
+    assert done["metrics"]["steps"] == 6 and done["fingerprint"]["keys"]["optim.critic.lr"] == 0.001

@@ -25,6 +25,10 @@ class StageContext:
     env: DistEnv
     recipe: Path     # the recipe file this stage was loaded from
     needs: dict[str, Path] = field(default_factory=dict)  # folder name -> stage folder it read
+    # the recipe keys that shape this stage's checkpoints (distill/keys.py `fingerprint`): recorded in each
+    # COMMITTED marker and compared on resume, unless `force` (resume=force)
+    fingerprint: dict | None = None
+    force: bool = False
 
     def input(self, key: str, value: str, kind: str) -> Path:
         """The product of `kind` of the needed stage folder `value`, named by the recipe key `key`
