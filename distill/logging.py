@@ -211,7 +211,8 @@ def custom_scalars_layout() -> dict[str, dict[str, list]]:
         "teacher": _charts("teacher", {
             "loss": ["teacher/loss$"], "loss by timestep": [r"loss_t\d+-\d+$"],
             "grad norm": ["teacher/grad_norm$"], "learning rate": ["teacher/lr$"],
-            "context used": ["context_used$"], "colour consistency": ["eval_colour_"]}),
+            "context used": ["context_used$"], "text dropped": ["text_dropped$"],
+            "colour consistency": ["eval_colour_"]}),
         "causal-init": _charts("causal-init", {
             "loss": ["student/loss$"], "grad norm": ["student/grad_norm$"],
             "learning rate": ["student/lr$"],

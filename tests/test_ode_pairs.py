@@ -68,7 +68,7 @@ def test_stored_pairs_are_the_samplers_output(pairs_run):
     dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget)
     negative = negative_text(cfg, device, torch.float32)
     assert negative is not None
-    with_context = [n for n in range(len(pairs)) if pairs.group(n) > 0]
+    with_context = [n for n in range(len(pairs)) if pairs.group(n)[0] > 0]
     assert with_context and len(with_context) < len(pairs)
     for n in (0, with_context[0], 6):
         stored = pairs[n]
