@@ -266,6 +266,19 @@ def format_sweep(shape: Shape, rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def format_table(heading: str, rows: list[dict], ms: str = ".2f", tflops: str = ".0f") -> list[str]:
+    """Markdown lines of one shape's contenders (bench_shape's rows)."""
+    lines = [heading, "", "| kernel | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | max abs diff vs ours |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['error']} | | | | |")
+        else:
+            lines.append(f"| {r['name']} | {r['fwd_ms']:{ms}} | {r['fwd_tflops']:{tflops}} | {r['bwd_ms']:{ms}} | "
+                         f"{r['bwd_tflops']:{tflops}} | {r['max_diff']:.1e} |")
+    return lines + [""]
+
+
 def format_section(gpu: str | None, tables: dict[str, list[dict]], census: dict[str, dict],
                    sweep: list[str] | None = None) -> str:
     """The markdown of the "## Attention" section."""
@@ -282,16 +295,7 @@ def format_section(gpu: str | None, tables: dict[str, list[dict]], census: dict[
                           for name, c in tile_configs(HEAD_DIM, torch.bfloat16, on_cuda=True).items())
         lines += [f"GPU: {gpu}, torch {torch.__version__}. Triton tiles: {tiles}.", ""]
         for shape_name, rows in tables.items():
-            lines += [f"### {shape_name}", "",
-                      "| kernel | fwd ms | fwd TFLOP/s | bwd ms | bwd TFLOP/s | max abs diff vs ours |",
-                      "|---|---|---|---|---|---|"]
-            for r in rows:
-                if "error" in r:
-                    lines.append(f"| {r['name']} | {r['error']} | | | | |")
-                else:
-                    lines.append(f"| {r['name']} | {r['fwd_ms']:.2f} | {r['fwd_tflops']:.0f} | {r['bwd_ms']:.2f} | "
-                                 f"{r['bwd_tflops']:.0f} | {r['max_diff']:.1e} |")
-            lines.append("")
+            lines += format_table(f"### {shape_name}", rows)
         lines += sweep or []
     lines += ["### Tile census (computed from the mask rule, no GPU needed)", "",
               "| shape | tiles (q x k) | full (unmasked) | partial (masked) | skipped (never loaded) |",
