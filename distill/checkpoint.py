@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from distill.distributed import DistEnv, barrier
-from teacher.files import write_atomic
+from teacher.files import _fsync, write_atomic  # _fsync: the one fsync of a path
 
 MARKER = "COMMITTED"
 _STEP = re.compile(r"^step-(\d{6,})$")
@@ -204,14 +204,6 @@ def _deepspeed_loads_safely():
 
 def _rank_file(folder: Path, rank: int) -> Path:
     return folder / f"rank-{rank:05d}.pt"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sync_tree(folder: Path) -> None:
