@@ -155,7 +155,7 @@ def test_two_ranks_zero2_kill9_resume_is_bit_identical_with_ema_and_only_lora_ch
     killed = _launch(recipe, tmp_path, overrides + [f"run.out={cut}"],
                      {"SHOTDISTILL_CI_KILL_AT": "2", "SHOTDISTILL_CI_KILL_RANK": "1"})
     # torchrun lists every failed rank; the one that must be there is the SIGKILLed rank 1
-    assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-3000:]
+    assert killed.returncode != 0 and "killed by SIGKILL" in killed.stderr, killed.stderr[-3000:]
     assert [s for s, _ in checkpoint.committed(cut / "tiny" / "dmd-inter" / "checkpoints")] == [2]
     resumed = _launch(INTER, tmp_path, overrides + [f"run.out={cut}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
