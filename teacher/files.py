@@ -83,21 +83,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write `data` (text is UTF-8) to a temporary name beside `path`, flush, fsync, rename into place."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _named(e, path) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `data` (text is UTF-8) to a temporary name beside `path`, fsync, rename into place."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def check_replaceable(folder: str | os.PathLike, ours: Iterable[str] = (),
