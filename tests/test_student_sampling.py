@@ -56,7 +56,7 @@ def _full_sequence_shot(student, text, context, context_text, context_shots, chu
     return torch.cat(done, dim=2)
 
 
-@pytest.mark.parametrize("indicator,keep_graph", [("rope_offset", False), ("learnable", True)])
+@pytest.mark.parametrize("indicator,keep_graph", [("rope_offset", False), ("learnable", True), ("none", False)])
 def test_cached_generation_equals_full_sequence_generation_across_shots(indicator, keep_graph):
     """Three shots of 3 chunks with local_chunks=1: global cache rebuilt from all finished shots at each
     boundary (dynamic rule, budget 4), local cache cleared, window shorter than the shot."""
