@@ -170,6 +170,7 @@ def launch(args: argparse.Namespace) -> int:
         _pump(proc.stderr, relay)
         returncode = proc.wait()
     finally:
+        proc.stderr.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if returncode == 0:

@@ -40,7 +40,7 @@ def test_teacher_probe_with_fewer_samples_than_ranks_finishes_under_zero3(tmp_pa
     from distill.runner import plan
 
     overrides = [*WORLD, f"run.out={tmp_path / 'out'}", "train.steps=2", "train.checkpoint_every=2",
-                 "deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0", "teacher.eval_samples=1",
+                 "train.micro_batch=1", "deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=0", "teacher.eval_samples=1",
                  "sampler.steps=2", "run.dist_timeout=60"]
     done = shotdistill(["launch", str(TEACHER), "--nproc", "2", "--master", f"127.0.0.1:{free_port()}", *overrides],
                        tmp_path, timeout=300)
