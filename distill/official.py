@@ -115,7 +115,7 @@ def wan_transformer(path: str | os.PathLike, config_folder: Path) -> torch.nn.Mo
     """The release file `path` as a diffusers WanTransformer3DModel configured by `config_folder`,
     its weights loaded strictly and kept in the file's dtype (built without weights of its own:
     the file's tensors become its parameters, so the import holds one copy of the model)."""
-    from accelerate import init_empty_weights  # a dependency of peft
+    from accelerate import init_empty_weights
     from diffusers import WanTransformer3DModel
 
     state = to_diffusers(load_generator(path))
