@@ -44,9 +44,6 @@ class Context:
         return Context(self.latents.to(device=device, dtype=dtype), self.texts.to(device=device, dtype=dtype),
                        self.shots.to(device=device, dtype=torch.long))
 
-    def detach(self) -> "Context":
-        return Context(self.latents.detach(), self.texts.detach(), self.shots)
-
     def kwargs(self) -> dict[str, torch.Tensor]:
         """The models' context keyword arguments (NextShotTeacher / CausalStudent forward)."""
         return {"context": self.latents, "context_text": self.texts, "context_shots": self.shots}

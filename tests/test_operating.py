@@ -212,7 +212,7 @@ def test_disk_full_names_the_path_and_leaves_no_temporary(tmp_path, monkeypatch)
         with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / 'a.json'}'"):
             files.write_atomic(tmp_path / "a.json", "{}")
     with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / 'model'}'"):
-        with files.atomic_folder(tmp_path / "model") as tmp:
+        with files.atomic_folder(tmp_path / "model"):
             full()
     assert list(tmp_path.iterdir()) == []
 
