@@ -66,7 +66,7 @@ class StageLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             Path(tb_dir).mkdir(parents=True, exist_ok=True)
-            _wait_past_existing_events(Path(tb_dir))
+            wait_past_existing_events(Path(tb_dir))
             # Logged steps are 1-based (step k = after k updates), so purging from start+1 drops
             # exactly the steps this run will produce again.
             self.writer = SummaryWriter(str(tb_dir), purge_step=start_step + 1)
@@ -125,7 +125,7 @@ def log_final(ctx, cfg, scores: dict[str, float]) -> None:
              enabled=cfg.logging.tensorboard)
 
 
-def _wait_past_existing_events(tb_dir: Path) -> None:
+def wait_past_existing_events(tb_dir: Path) -> None:
     """TensorBoard reads event files in name order, and names start with the creation second:
     a restart within the same second as the previous writer would sort before it. Run-info files
     hold only step-0 summaries, which no purge touches, so their order does not matter."""
@@ -229,18 +229,25 @@ def custom_scalars_layout() -> dict[str, dict[str, list]]:
     }
 
 
-def write_run_info(tb_dir: Path, cfg, *, main: bool) -> None:
-    """At stage start, on rank 0 when TensorBoard is on: the recipe's hyperparameters and the
-    custom-scalars layout into the stage's own run folder (a resume writes them again; TensorBoard
-    still shows one run and one session, keyed by the folder)."""
+def write_run_info(tb_dir: Path, cfg, *, main: bool, hparams: dict | None = None,
+                   replace: bool = False) -> None:
+    """At stage start, on rank 0 when TensorBoard is on: the recipe's hyperparameters (or `hparams`)
+    and the custom-scalars layout into the stage's own run folder (a resume writes them again;
+    TensorBoard still shows one run and one session, keyed by the folder). TensorBoard keeps the
+    first session info it reads of a run, so a session whose hyperparameters differ from those
+    written before (the eval's: distill/eval/hparams.py) `replace`s the folder's run-info files."""
     if not main or not cfg.logging.tensorboard:
         return
     from torch.utils.tensorboard import SummaryWriter
 
+    hparams = recipe_hparams(cfg) if hparams is None else hparams
     Path(tb_dir).mkdir(parents=True, exist_ok=True)
+    if replace:
+        for old in Path(tb_dir).glob(f"events.out.tfevents.*{RUN_INFO_SUFFIX}"):
+            old.unlink()
     writer = SummaryWriter(str(tb_dir), filename_suffix=RUN_INFO_SUFFIX)
     try:
-        writer.file_writer.add_summary(session_start_summary(recipe_hparams(cfg)))
+        writer.file_writer.add_summary(session_start_summary(hparams))
         writer.add_custom_scalars(custom_scalars_layout())
     finally:
         writer.close()

@@ -5,9 +5,10 @@
 - `prompts.py` (prompts of a JSONL file or a prepared folder), `makers.py` (the video-maker protocol:
   a student export, a teacher stage), `scoring.py` (generate, time and score videos; report.json),
   `stages.py` (a run's final student and every stage of `eval.stages`: the eval stage and
-  `shotdistill eval` both run it);
+  `shotdistill eval` both run it), `strips.py` (a PNG per story, a row per evaluated model),
+  `hparams.py` (the eval stage's HParams session: the keys of the stages it scores);
 - `multishot.py` (student and teacher multi-shot rollouts on their own history), `probes.py` (the
   in-training probes of the teacher, causal-init and DMD stages);
 - `metrics.py` (synthetic-world measurements), `features.py` (CLIP / DINO consistency), `media.py`
-  (GIF and histogram summaries), `compare.py` (the runs' comparison table).
+  (image, GIF and histogram summaries), `compare.py` (the runs' comparison table).
 """

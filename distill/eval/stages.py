@@ -16,8 +16,10 @@ stage writes `<eval>/stages/<stage>/{report.json, samples/}`.
 
 Rank 0 then writes `stages.md` (`stages_table`: rows = stages, columns = metrics), adds a `stages`
 entry to the final report.json (each evaluated stage's report, each skipped stage's reason) and,
-with a TensorBoard folder, the scalars `eval/<metric>` and `eval/<stage>/<metric>`. The metrics
-returned are the final student's under their own names and every stage's as `<stage>/<metric>`.
+with a TensorBoard folder, the scalars `eval/<metric>` and `eval/<stage>/<metric>`; last, a PNG strip
+per story under `strips/` (each evaluated model's frames in a row: distill/eval/strips.py), also in
+TensorBoard beside each model's story GIF. The metrics returned are the final student's under their
+own names and every stage's as `<stage>/<metric>`.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ def evaluate_run(run_dir: Path | None, prompts: list[Prompt], run: EvalRun,
     ({}, None) elsewhere."""
     from distill.eval.makers import load_student_maker
     from distill.eval.scoring import score_videos
+    from distill.eval.strips import write_strips
     from teacher.files import write_atomic
 
     if run_dir is None and run.ev.stages:
@@ -157,7 +160,9 @@ def evaluate_run(run_dir: Path | None, prompts: list[Prompt], run: EvalRun,
     metrics = {**final, **{f"{s}/{k}": v for s, m in per_stage.items() for k, v in m.items()}}
     if not run.is_main:
         return metrics, None
-    return metrics, _report(run, per_stage, skipped, known, metrics)
+    table = _report(run, per_stage, skipped, known, metrics)
+    write_strips(run.out, run.tb_dir)  # after _report: it reads the evaluated stages off report.json
+    return metrics, table
 
 
 def _report(run: EvalRun, per_stage: dict, skipped: dict, known: dict, metrics: dict) -> str:

@@ -10,8 +10,10 @@ causal-init, dmd-intra, dmd-inter) is scored on the same prompts and seeds (dist
 unfinished or absent ones are skipped with the reason. Products: `samples/*.mp4` and `report.json`
 (the final student's, plus `stages`: each evaluated stage's report and each skipped stage's reason),
 `stages/<stage>/`, `exports/<stage>/`, `stages.md` (rows = stages, columns = metrics), TensorBoard
-scalars `eval/<metric>` and `eval/<stage>/<metric>`, and the metrics the runner writes to
-`metrics.json`: the final student's under their own names, every stage's as `<stage>/<metric>`.
+scalars `eval/<metric>` and `eval/<stage>/<metric>`, `strips/story_<i>.png` (and their TensorBoard
+images), and the metrics the runner writes to `metrics.json`: the final student's under their own
+names, every stage's as `<stage>/<metric>`. The stage's HParams session carries the keys of the
+stages it scores (distill/eval/hparams.py), so the HParams tab sorts eval metrics by training axes.
 """
 
 from __future__ import annotations
@@ -59,8 +61,20 @@ class EvalStage:
         from distill.eval.stages import evaluate_run
 
         cfg, ctx = self.cfg, self.ctx
+        self._session()
         prompts = select_prompts(cfg.eval, prepared_dir(cfg))
         run = EvalRun.of(ctx.env, cfg.run.seed, cfg.eval, out=ctx.stage_dir,
                          tb_dir=ctx.tb_dir if cfg.logging.tensorboard else None)
         metrics, self.summary_table = evaluate_run(ctx.run_dir, prompts, run)
         return metrics
+
+    def _session(self) -> None:
+        """The HParams session of the scored stages' keys, in place of the one the runner started
+        with the eval recipe's (rank 0, TensorBoard on)."""
+        from distill.eval.hparams import evaluated_hparams
+        from distill.logging import write_run_info
+
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.env.is_main and cfg.logging.tensorboard:
+            hparams = evaluated_hparams(cfg, ctx.run_dir)
+            write_run_info(ctx.tb_dir, cfg, main=True, hparams=hparams, replace=True)
