@@ -24,6 +24,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from distill.data.world import CAPTION_MODES
 from kernels.dispatch import BACKENDS
 from student.settings import NEGATIVE_SCOPES, StudentSettings
 from teacher.context import CAPTION_LAYOUTS, STRATEGIES
@@ -89,6 +90,9 @@ class OptimConfig:
     weight_decay: float = key(0.0, "AdamW decoupled weight decay")
     eps: float = key(1e-8, "AdamW epsilon")
     warmup: int = key(0, "linear warmup steps from 0 to lr (counted in this model's updates)")
+    decay: str = choice("none", ("none", "cosine", "linear"), "after warmup: constant lr, or decay to "
+                        "min_lr x lr at the stage's last update of this model")
+    min_lr: float = key(0.0, "decay floor as a fraction of lr")
     clip: float = key(1.0, "gradient-norm clip; 0 disables clipping")
 
 
@@ -144,6 +148,9 @@ class SynthConfig:
     max_frames: int = key(24, "most frames per shot")
     max_cast: int = key(3, "most characters per video (1 to 3)")
     speed: float = key(1.0, "character speed in pixels per frame at wide framing")
+    sprite_scale: float = key(1.0, "character radius multiplier (small frames need larger sprites to keep shapes legible)")
+    captions: str = choice("full", CAPTION_MODES, "full: every caption names every fact; memory: only the first "
+                           "shot names colours and background, later ones shapes and motions (distill/data/world.py)")
 
 
 @dataclass
@@ -171,6 +178,8 @@ class CodecConfig:
                        "wan: AutoencoderKLWan from codec.path")
     path: str = key("", "wan: the VAE folder (or a Wan diffusers root holding vae/)")
     patch: int = key(2, "patch: pixels per latent pixel along each side")
+    mean: float = key(0.0, "patch: latents are (pixel - mean) / std, pixels in [-1, 1] (the world's mean pixel)")
+    std: float = key(1.0, "patch: the pixels' standard deviation, so latents have unit variance like the noise")
     dtype: str = choice("float32", ("float32", "bfloat16"), "wan: compute dtype of the VAE")
 
 
@@ -527,12 +536,12 @@ RANGES = (
     ("train.checkpoint_every", 1, False), ("train.keep_checkpoints", 1, False), ("train.max_bad_steps", 1, False),
     ("logging.every", 1, False),
     ("optim.*.lr", 0, False), ("optim.*.weight_decay", 0, False), ("optim.*.eps", 0, True),
-    ("optim.*.warmup", 0, False), ("optim.*.clip", 0, False),
+    ("optim.*.warmup", 0, False), ("optim.*.clip", 0, False), ("optim.*.min_lr", 0, False),
     ("data.height", 1, False), ("data.width", 1, False), ("data.fps", 0, True), ("data.shot_frames", 1, False),
     ("data.records_per_shard", 1, False),
     ("data.synth.videos", 1, False), ("data.synth.height", 1, False), ("data.synth.width", 1, False),
     ("data.synth.fps", 1, False), ("data.synth.min_shots", 1, False), ("data.synth.min_frames", 1, False),
-    ("codec.patch", 1, False), ("text_encoder.max_tokens", 1, False),
+    ("codec.patch", 1, False), ("codec.std", 0, True), ("text_encoder.max_tokens", 1, False),
     ("model.heads", 1, False), ("model.head_dim", 1, False), ("model.ffn_dim", 1, False), ("model.layers", 1, False),
     ("model.freq_dim", 1, False), ("sampler.steps", 1, False), ("student.chunk_frames", 1, False),
     ("dmd.generator_every", 1, False), ("lora.rank", 0, False),

@@ -1,4 +1,4 @@
-"""Handlers of `shotdistill data synth` and `shotdistill data prepare` (one process each).
+"""Handlers of `shotdistill data synth`, `data stories` and `data prepare` (one process each).
 
 Both read their settings from a recipe (default: the packaged tiny prepare recipe) plus
 `key=value` overrides, so the command line and `shotdistill run recipes/tiny/prepare.yaml` make
@@ -29,6 +29,17 @@ def synth(args: argparse.Namespace) -> int:
     cfg = _load(args, extra)
     manifest = synthesize(args.out, synth_settings(cfg.data.synth))
     print(f"wrote {cfg.data.synth.videos} videos and {manifest}")
+    return 0
+
+
+def stories(args: argparse.Namespace) -> int:
+    """Write held-out evaluation stories (captions + facts) of the recipe's world at --seed to --out."""
+    from distill.data.components import synth_settings
+    from distill.data.synth import story_lines
+    from teacher.files import write_atomic
+    cfg = _load(args, [f"data.synth.videos={args.count}", f"data.synth.seed={args.seed}"])
+    write_atomic(Path(args.out), "\n".join(story_lines(synth_settings(cfg.data.synth), args.shots)) + "\n")
+    print(f"wrote {args.count} stories of {args.shots} shots to {args.out}")
     return 0
 
 

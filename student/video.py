@@ -27,24 +27,26 @@ def exact_interpolation():
 class Mp4Writer:
     """Append uint8 frames [F, H, W, 3] to an mp4; `close()` (or leaving the `with`) commits it."""
 
-    def __init__(self, path: str | os.PathLike, fps: int | float, crf: int = 10) -> None:
+    def __init__(self, path: str | os.PathLike, fps: int | float, crf: int = 10, pix_fmt: str = "yuv420p") -> None:
         import av
 
         if fps <= 0:
             raise ValueError(f"{path}: frame rate must be positive, got {fps}")
         self.path = Path(path)
         self.tmp = temp_path(self.path)
-        self.fps, self.crf = Fraction(fps).limit_denominator(1001), crf
+        if pix_fmt not in ("yuv420p", "yuv444p"):
+            raise ValueError(f"{path}: pixel format must be yuv420p or yuv444p, got {pix_fmt}")
+        self.fps, self.crf, self.pix_fmt = Fraction(fps).limit_denominator(1001), crf, pix_fmt
         self.container = av.open(str(self.tmp), mode="w", format="mp4")  # the temporary name has no .mp4
         self.stream = None
         self.frames = 0
 
     def _open_stream(self, height: int, width: int) -> None:
-        if height % 2 or width % 2:
+        if self.pix_fmt == "yuv420p" and (height % 2 or width % 2):
             raise ValueError(f"{self.path}: yuv420p needs an even frame size, got {height}x{width}")
         stream = self.container.add_stream("libx264", rate=self.fps)
         stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = self.pix_fmt
         stream.codec_context.thread_count = 1
         # x264's lookahead (lowres frame analysis: rc-lookahead, mbtree, b-adapt, scenecut) reads
         # memory it never initialised, so the same frames sometimes encode differently; without it
@@ -68,7 +70,7 @@ class Mp4Writer:
         flags = exact_interpolation()
         for frame in array:
             rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            yuv = rgb.reformat(format="yuv420p", threads=1, interpolation=flags)
+            yuv = rgb.reformat(format=self.pix_fmt, threads=1, interpolation=flags)
             self.container.mux(self.stream.encode(yuv))
         self.frames += len(array)
 
@@ -99,7 +101,9 @@ class Mp4Writer:
             self.abort()
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int | float, crf: int = 10) -> None:
-    """Write uint8 frames [F, H, W, 3] as H.264 yuv420p mp4, atomically."""
-    with Mp4Writer(path, fps, crf) as writer:
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int | float, crf: int = 10,
+              pix_fmt: str = "yuv420p") -> None:
+    """Write uint8 frames [F, H, W, 3] as H.264 mp4 (yuv420p plays everywhere; yuv444p keeps full
+    chroma, which a few-pixel sprite needs), atomically."""
+    with Mp4Writer(path, fps, crf, pix_fmt) as writer:
         writer.append(frames)

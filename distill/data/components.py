@@ -30,7 +30,7 @@ def prepared_dir(cfg: DictConfig) -> Path:
 
 def build_codec(codec: DictConfig, device: str | torch.device = "cpu") -> Codec:
     if codec.kind == "patch":
-        return PatchCodec(codec.patch)
+        return PatchCodec(codec.patch, codec.mean, codec.std)
     if not codec.path:
         raise ValueError("codec.path: the Wan VAE folder is required when codec.kind is 'wan'")
     return WanVAECodec.from_pretrained(codec.path, device=device, dtype=DTYPES[codec.dtype])
@@ -61,7 +61,8 @@ def synth_settings(synth: DictConfig) -> SynthSettings:
     return SynthSettings(videos=synth.videos, seed=synth.seed, height=synth.height, width=synth.width,
                          fps=synth.fps, min_shots=synth.min_shots, max_shots=synth.max_shots,
                          min_frames=synth.min_frames, max_frames=synth.max_frames,
-                         max_cast=synth.max_cast, speed=synth.speed)
+                         max_cast=synth.max_cast, speed=synth.speed, captions=synth.captions,
+                         sprite_scale=synth.sprite_scale)
 
 
 def shot_stream(cfg: DictConfig, rank: int, world: int) -> DataStream:

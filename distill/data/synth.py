@@ -13,13 +13,13 @@ fits, and the facts hold the actual path.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from distill.data.world import (BACKGROUNDS, COLOURS, FRAMINGS, MOTIONS, SIZES, Character,
-                                ScenePlan, ShotPlan, global_caption, plan_scene, shot_caption)
+from distill.data.world import (BACKGROUNDS, CAPTION_MODES, COLOURS, FRAMINGS, MOTIONS, SIZES, Character,
+                                ScenePlan, ShotPlan, captions, plan_scene)
 from student.video import write_mp4
 from teacher.files import write_atomic
 
@@ -37,12 +37,16 @@ class SynthSettings:
     max_frames: int
     max_cast: int
     speed: float
+    captions: str = "full"
+    sprite_scale: float = 1.0
 
     def check(self) -> None:
         if not (1 <= self.min_shots <= self.max_shots and 1 <= self.min_frames <= self.max_frames):
             raise ValueError("data.synth: need 1 <= min_shots <= max_shots and 1 <= min_frames <= max_frames")
         if not 1 <= self.max_cast <= 3 or self.videos < 1 or min(self.height, self.width) < 16:
             raise ValueError("data.synth: need videos >= 1, 1 <= max_cast <= 3 and frames of at least 16x16")
+        if self.captions not in CAPTION_MODES or self.sprite_scale <= 0:
+            raise ValueError(f"data.synth: captions must be one of {CAPTION_MODES} and sprite_scale > 0")
 
 
 def _mask(shape: str, h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
@@ -82,7 +86,7 @@ def render_shot(rng: np.random.Generator, plan: ScenePlan, shot: ShotPlan, s: Sy
     facts = []
     for cid, motion in shot.motions.items():
         ch: Character = plan.cast[cid]
-        radius = SIZES[ch.size] * min(s.height, s.width) * scale
+        radius = SIZES[ch.size] * min(s.height, s.width) * scale * s.sprite_scale
         start, end = _path(rng, motion, shot.frames, radius, s.speed * scale, s.height, s.width)
         for f in range(shot.frames):
             t = f / max(shot.frames - 1, 1)
@@ -96,18 +100,34 @@ def render_shot(rng: np.random.Generator, plan: ScenePlan, shot: ShotPlan, s: Sy
 def render_video(index: int, s: SynthSettings) -> tuple[np.ndarray, dict]:
     """All frames of video `index` and its facts (with captions and frame ranges)."""
     rng = np.random.default_rng([s.seed, index])
-    plan = plan_scene(rng, (s.min_shots, s.max_shots), (s.min_frames, s.max_frames), s.max_cast)
+    plan = plan_scene(rng, (s.min_shots, s.max_shots), (s.min_frames, s.max_frames), s.max_cast,
+                      distinct_shapes=s.captions == "memory")
+    glob, texts = captions(plan, s.captions)
     clips, shots, start = [], [], 0
-    for shot in plan.shots:
+    for shot, caption in zip(plan.shots, texts):
         pixels, characters = render_shot(rng, plan, shot, s)
         clips.append(pixels)
         shots.append({"start": start, "end": start + shot.frames, "framing": shot.framing,
-                      "caption": shot_caption(plan, shot), "characters": characters})
+                      "caption": caption, "characters": characters})
         start += shot.frames
     facts = {"background": plan.background, "cast": [asdict(c) for c in plan.cast],
-             "global_caption": global_caption(plan), "fps": s.fps, "height": s.height,
+             "global_caption": glob, "fps": s.fps, "height": s.height,
              "width": s.width, "shots": shots}
     return np.concatenate(clips), facts
+
+
+def story_lines(s: SynthSettings, shots: int) -> list[str]:
+    """Held-out evaluation stories: for each of the `s.videos` videos of the world `s` with exactly
+    `shots` shots, a JSONL line of its captions and facts (distill/eval/prompts.py's format)."""
+    s = replace(s, min_shots=shots, max_shots=shots)
+    s.check()
+    lines = []
+    for i in range(s.videos):
+        _, facts = render_video(i, s)
+        lines.append(json.dumps({"id": f"story-{i}", "global_caption": facts["global_caption"],
+                                 "shots": [{"caption": sh["caption"]} for sh in facts["shots"]],
+                                 "facts": facts}))
+    return lines
 
 
 def synthesize(out: str | Path, s: SynthSettings) -> Path:
@@ -119,7 +139,8 @@ def synthesize(out: str | Path, s: SynthSettings) -> Path:
     for i in range(s.videos):
         name = f"video_{i:04d}"
         frames, facts = render_video(i, s)
-        write_mp4(out / f"{name}.mp4", frames, s.fps)
+        # full chroma: at 4:2:0 a sprite a few pixels wide loses its colour at the edges
+        write_mp4(out / f"{name}.mp4", frames, s.fps, pix_fmt="yuv444p")
         write_atomic(out / f"{name}.facts.json", json.dumps(facts) + "\n")
         lines.append(json.dumps({
             "video": f"{name}.mp4", "fps": s.fps, "global_caption": facts["global_caption"],
