@@ -147,7 +147,7 @@ def student_components(cfg: DictConfig) -> dict:
     from distill.data.components import build_text_encoder
 
     c, t = cfg.codec, cfg.text_encoder
-    codec = {"kind": "patch", "patch": int(c.patch)} if c.kind == "patch" else \
+    codec = {"kind": "patch", "patch": int(c.patch), "mean": float(c.mean), "std": float(c.std)} if c.kind == "patch" else \
         {"kind": "wan", "path": str(component_folder(c.path, "vae")), "dtype": c.dtype}
     text = build_text_encoder(t) if t.kind == "tiny_t5" else \
         {"kind": "umt5", "path": str(Path(t.path).resolve()), "max_tokens": int(t.max_tokens), "dtype": t.dtype}

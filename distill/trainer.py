@@ -126,15 +126,21 @@ class BadSteps:
 
 
 class Warmup:
-    """Linear warmup to the peak lr, counted in this model's applied updates (checkpointed)."""
+    """The lr of one model per applied update (checkpointed): linear warmup to the peak, then constant
+    or decaying (cosine / linear) to `floor`·peak at the stage's last update, `horizon` updates."""
 
-    def __init__(self, peak: float, warmup: int):
+    def __init__(self, peak: float, warmup: int, decay: str = "none", floor: float = 0.0, horizon: int = 0):
         self.peak, self.warmup, self.updates = peak, warmup, 0
+        self.decay, self.floor, self.horizon = decay, floor, horizon
 
     def lr(self) -> float:
-        if self.warmup <= 0:
+        if self.warmup > 0 and self.updates < self.warmup:
+            return self.peak * (self.updates + 1) / self.warmup
+        if self.decay == "none" or self.horizon <= self.warmup:
             return self.peak
-        return self.peak * min(1.0, (self.updates + 1) / self.warmup)
+        done = min(1.0, (self.updates - self.warmup) / (self.horizon - self.warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * done)) if self.decay == "cosine" else 1 - done
+        return self.peak * (self.floor + (1 - self.floor) * shape)
 
     def state_dict(self) -> dict:
         return {"updates": self.updates}
@@ -234,6 +240,10 @@ class _StopSignals:
             exc.signum = self.received
 
 
+def _schedule(optim: DictConfig, horizon: int) -> Warmup:
+    return Warmup(optim.lr, optim.warmup, optim.decay, optim.min_lr, horizon)
+
+
 class Trainer:
     """Train `models` with `step_fn` on `data` for `train.steps` steps of ours.
 
@@ -251,8 +261,7 @@ class Trainer:
         # a stage's own resumable objects (state_dict/load_state_dict), kept in each rank's state
         self.extra_state = dict(extra_state or {})
         self.engines = {m.name: build_engine(m, cfg, ctx.stage_dir, self.env) for m in models}
-        self.warmup = {m.name: Warmup(cfg.optim[m.name].lr, cfg.optim[m.name].warmup)
-                       for m in models}
+        self.warmup = {m.name: _schedule(cfg.optim[m.name], -(-cfg.train.steps // m.every)) for m in models}
         self.step = 0  # our one step counter (each engine keeps its own, which we ignore)
         self.bad_total = 0
         self.bad_streak = 0

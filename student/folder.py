@@ -7,7 +7,7 @@
                              but hidden ones}
     vae/ text_encoder/ tokenizer/   component folders held inside (a serving export; a tiny encoder)
 
-A component description is a JSON object: codec {"kind": "patch", "patch"} or {"kind": "wan",
+A component description is a JSON object: codec {"kind": "patch", "patch", "mean", "std"} or {"kind": "wan",
 "path", "dtype"}; text_encoder {"kind": "umt5", "path", "max_tokens", "dtype"}; video {"height",
 "width", "fps", "frames"}. A "path" names a folder that holds the component's subfolders (`vae/`;
 `text_encoder/` and `tokenizer/`: a Wan diffusers root, or the student folder itself as "."), or

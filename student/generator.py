@@ -103,7 +103,9 @@ def load_components(components: dict[str, dict], source: str | os.PathLike, devi
     codec_desc, text_desc, video = components["codec"], components["text_encoder"], components["video"]
     kind = _value(codec_desc, "codec", "kind", source)
     if kind == "patch":
-        codec: Codec = PatchCodec(int(_value(codec_desc, "codec", "patch", source)))
+        # folders written before latents were normalised hold no mean/std: the identity
+        codec: Codec = PatchCodec(int(_value(codec_desc, "codec", "patch", source)),
+                                  float(codec_desc.get("mean", 0.0)), float(codec_desc.get("std", 1.0)))
     elif kind == "wan":
         codec = WanVAECodec.from_pretrained(_value(codec_desc, "codec", "path", source), device=device,
                                             dtype=DTYPES[codec_desc.get("dtype", "float32")])

@@ -91,12 +91,14 @@ class Codec(ABC):
 
 
 class PatchCodec(Codec):
-    """Lossless space-to-depth: each p×p pixel patch becomes 3·p² channels of one latent pixel."""
+    """Lossless space-to-depth: each p×p pixel patch becomes 3·p² channels of one latent pixel,
+    normalised as (pixel - mean) / std so latents meet the unit-variance noise of flow matching on
+    equal terms (Wan's VAE carries per-channel statistics for the same reason)."""
 
-    def __init__(self, patch: int) -> None:
-        if patch < 1:
-            raise ValueError(f"codec patch must be >= 1, got {patch}")
-        self.patch = patch
+    def __init__(self, patch: int, mean: float = 0.0, std: float = 1.0) -> None:
+        if patch < 1 or not std > 0:
+            raise ValueError(f"codec patch must be >= 1 and std > 0, got patch {patch}, std {std}")
+        self.patch, self.mean, self.std = patch, float(mean), float(std)
         self.channels = 3 * patch * patch
         self.temporal_factor = 1
         self.spatial_factor = patch
@@ -106,14 +108,14 @@ class PatchCodec(Codec):
         p = self.patch
         if h % p or w % p:
             raise ValueError(f"frame size {h}x{w} is not divisible by the codec patch {p}")
-        x = pixels.reshape(b, c, f, h // p, p, w // p, p)
+        x = ((pixels - self.mean) / self.std).reshape(b, c, f, h // p, p, w // p, p)
         return x.permute(0, 1, 4, 6, 2, 3, 5).reshape(b, c * p * p, f, h // p, w // p)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         b, cpp, f, h, w = latents.shape
         p = self.patch
         x = latents.reshape(b, cpp // (p * p), p, p, f, h, w)
-        return x.permute(0, 1, 4, 5, 2, 6, 3).reshape(b, cpp // (p * p), f, h * p, w * p)
+        return x.permute(0, 1, 4, 5, 2, 6, 3).reshape(b, cpp // (p * p), f, h * p, w * p) * self.std + self.mean
 
 
 def component_folder(path: str | os.PathLike, name: str) -> Path:
