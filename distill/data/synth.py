@@ -77,17 +77,42 @@ def _path(rng: np.random.Generator, motion: str, frames: int, radius: float, spe
     return start, start + d * travel
 
 
+# a square's corner lies 0.85·√2 radii from its centre, the other shapes within one radius: centres
+# this many summed radii apart never touch
+APART = 1.21
+PLACEMENT_TRIES = 64
+
+
+def _closest(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], frames: int) -> float:
+    """Smallest distance between two linear paths' centres over the shot's frames."""
+    t = np.linspace(0.0, 1.0, max(frames, 2))[:, None]
+    return float(np.min(np.linalg.norm((a[0] - b[0]) + (a[1] - a[0] - b[1] + b[0]) * t, axis=1)))
+
+
+def _placed_apart(rng: np.random.Generator, motion: str, frames: int, radius: float, speed: float,
+                  s: SynthSettings, others: list[tuple[tuple[np.ndarray, np.ndarray], float]]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A path that never touches the characters already placed, when one of PLACEMENT_TRIES draws
+    finds it (sprites that overlap cannot be read off the frames); else the last draw."""
+    for _ in range(PLACEMENT_TRIES):
+        path = _path(rng, motion, frames, radius, speed, s.height, s.width)
+        if all(_closest(path, p, frames) >= APART * (radius + r) for p, r in others):
+            break
+    return path
+
+
 def render_shot(rng: np.random.Generator, plan: ScenePlan, shot: ShotPlan, s: SynthSettings
                 ) -> tuple[np.ndarray, list[dict]]:
     """uint8 frames [F, H, W, 3] of one shot and the facts of its characters."""
     frames = np.empty((shot.frames, s.height, s.width, 3), np.uint8)
     frames[:] = BACKGROUNDS[plan.background]
     scale = FRAMINGS[shot.framing]
-    facts = []
+    facts, placed = [], []
     for cid, motion in shot.motions.items():
         ch: Character = plan.cast[cid]
         radius = SIZES[ch.size] * min(s.height, s.width) * scale * s.sprite_scale
-        start, end = _path(rng, motion, shot.frames, radius, s.speed * scale, s.height, s.width)
+        start, end = _placed_apart(rng, motion, shot.frames, radius, s.speed * scale, s, placed)
+        placed.append(((start, end), radius))
         for f in range(shot.frames):
             t = f / max(shot.frames - 1, 1)
             cx, cy = start + (end - start) * t
