@@ -42,9 +42,11 @@ def evaluate(args: argparse.Namespace) -> int:
     `eval.stages` (the eval stage's code path: distill/eval/stages.py `evaluate_run`)."""
     import torch
 
+    from distill.eval.hparams import evaluated_hparams
     from distill.eval.prompts import select_prompts
     from distill.eval.run import EvalRun
     from distill.eval.stages import evaluate_run
+    from distill.logging import write_run_info
     from distill.stages.eval import check_eval
     from launch.serve import quiet_loading
     from teacher.files import write_atomic
@@ -65,6 +67,9 @@ def evaluate(args: argparse.Namespace) -> int:
     tb = layout.tb_dir(source, layout.EVAL) if is_run and not args.out else out / layout.TB
     seed = cfg.run.seed if args.seed is None else args.seed
     run = EvalRun(torch.device(args.device), seed, ev=cfg.eval, out=out, tb_dir=tb)
+    if is_run and cfg.logging.tensorboard:
+        # the same HParams session as the eval stage's: the scored stages' keys, so runs sort by axis
+        write_run_info(tb, cfg, main=True, hparams=evaluated_hparams(cfg, source), replace=True)
     metrics, table = evaluate_run(source if is_run else None, prompts, run, export=None if is_run else source)
     write_atomic(out / layout.METRICS, json.dumps(metrics, indent=2) + "\n")
     report = json.loads((out / "report.json").read_text())

@@ -80,3 +80,13 @@ def test_the_eval_stage_session_carries_the_scored_stages_keys(staged):
     assert hparams["data.height"] == 32 and hparams["sampler.steps"] == 2  # the stages', not the eval recipe's
     assert hparams["eval.videos"] == 2 and hparams["stage"] == "eval"
     assert "eval/teacher/cut_accuracy" in metrics  # the session's metrics sort by those keys
+
+
+def test_cli_eval_of_a_run_writes_the_same_session(staged, tmp_path):
+    from launch.cli import main
+
+    ev = staged[0]
+    out = tmp_path / "cli"
+    assert main(["eval", str(ev.parent), "--out", str(out), "eval.stages=[teacher]"]) == 0
+    hparams, _ = Board(tmp_path).sessions()["cli/tb"]
+    assert hparams["data.height"] == 32 and hparams["sampler.steps"] == 2
