@@ -14,6 +14,9 @@ import sys
 from typing import Callable
 
 
+EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def _handler(path: str) -> Callable[[argparse.Namespace], int | None]:
     module, attr = path.split(":")
     return getattr(importlib.import_module(module), attr)
@@ -88,7 +91,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a run's newest finished student for serving")
     p.add_argument("source", metavar="RUN_DIR", help="run folder (or one student stage's folder)")
-    p.add_argument("--out", required=True, help="export folder (transformer/, components, generator.json)")
+    p.add_argument("--out", required=True, help="export folder: a student folder (transformer/, components, "
+                   "generator.json) that is also a diffusers pipeline (model_index.json), with a model card")
+    p.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), help="dtype of the exported transformer's weights, "
+                   "which loads in it (default: as trained)")
+    p.add_argument("--verify", action="store_true", help="then generate a 2-shot story with the export (through "
+                   "diffusers) and with the trained student, and fail unless they agree")
+    p.add_argument("--device", default="cpu", help="torch device of --verify, e.g. cuda")
     p.set_defaults(handler="launch.serve:export")
 
 

@@ -26,12 +26,19 @@ def quiet_loading() -> None:
 
 
 def export(args: argparse.Namespace) -> int:
-    """Export the newest finished student of RUN_DIR (or a stage folder) into --out."""
-    from distill.export import export_run
+    """Export the newest finished student of RUN_DIR (or a stage folder) into --out (its transformer in
+    --dtype); with --verify, check that the export generates what that student generates."""
+    from distill.export import export_run, verify_run_export
+    from launch.cli import EXPORT_DTYPES
+    from teacher.encoders import DTYPES
 
     quiet_loading()
-    folder = export_run(args.source, args.out)
+    folder = export_run(args.source, args.out, torch_dtype=DTYPES[EXPORT_DTYPES[args.dtype]] if args.dtype else None)
     print(f"exported {folder}")
+    if args.verify:
+        gaps = verify_run_export(args.source, folder, device=args.device)
+        print(f"verified {folder}: its 2-shot story matches the trained student's (mean |difference|: "
+              + ", ".join(f"{gap:.2e} against it in {dtype}" for dtype, gap in gaps.items()) + ")")
     return 0
 
 

@@ -1,11 +1,22 @@
 """The student folder: one format for a stage's trained student and for a serving export.
 
-    transformer/            diffusers WanTransformer3DModel (config.json + safetensors), LoRA merged
+    transformer/            the Wan transformer's weights (diffusers safetensors, LoRA merged) and its config
+                            as causal_config.json: deliberately not config.json, so diffusers'
+                            WanTransformer3DModel.from_pretrained refuses the folder instead of loading a
+                            bidirectional model without shot RoPE, context or cache (folders written before
+                            have config.json and still load)
+    transformer_lora/       the inter-shot LoRA as a peft adapter (adapter_config.json, adapter_model.safetensors)
+                            when the student was trained with adapters (dmd-inter); the base it applies to is
+                            the student that stage started from
     indicator.safetensors   the learned shot-boundary vector (indicator "learnable" only)
     generator.json          {"format": 2, "student": StudentSettings, "components": {name: description},
-                             "files": {relative path: {"size", "sha256"}} of every other file inside
-                             but hidden ones}
+                             "dtype": the transformer's weights dtype, "files": {relative path: {"size",
+                             "sha256"}} of every other file inside but hidden ones}
     vae/ text_encoder/ tokenizer/   component folders held inside (a serving export; a tiny encoder)
+
+A serving export is also a diffusers pipeline (student/pipeline.py): model_index.json, pipeline.py,
+scheduler/scheduler_config.json and a model card README.md, all derived from generator.json when the
+export is written and recorded in its "files".
 
 A component description is a JSON object: codec {"kind": "patch", "patch", "mean", "std"} or {"kind": "wan",
 "path", "dtype"}; text_encoder {"kind": "umt5", "path", "max_tokens", "dtype"}; video {"height",
@@ -33,6 +44,9 @@ from typing import Callable
 
 GENERATOR_FILE = "generator.json"
 TRANSFORMER = "transformer"
+TRANSFORMER_CONFIG = "causal_config.json"  # inside transformer/ (see the module doc)
+LEGACY_TRANSFORMER_CONFIG = "config.json"  # folders written before: diffusers' own name
+LORA = "transformer_lora"
 INDICATOR_FILE = "indicator.safetensors"
 FORMAT = 2
 # the subfolders each component kind loads from its "path" (teacher/encoders.py `component_folder`)
@@ -47,6 +61,7 @@ class StudentFolder:
     settings: dict
     components: dict[str, dict]
     files: dict[str, dict] = field(default_factory=dict)  # relative path -> {"size", "sha256"}
+    dtype: str | None = None  # the transformer's weights dtype; None: a folder written before it was recorded
 
 
 def file_record(path: str | os.PathLike) -> dict:
@@ -87,6 +102,12 @@ def verify_files(info: StudentFolder, select: Callable[[str], bool] = lambda rel
                              "export the student again")
 
 
+def verify_components(info: StudentFolder) -> None:
+    """`verify_files` for every file but the transformer and the indicator (`CausalStudent.from_pretrained`
+    checks those): what a loader of a whole export checks besides the student."""
+    verify_files(info, lambda rel: not rel.startswith(f"{TRANSFORMER}/") and rel != INDICATOR_FILE)
+
+
 def require(folder: Path, relative: str) -> Path:
     """`folder/relative`, or FileNotFoundError naming the student folder and the missing part."""
     path = folder / relative
@@ -120,4 +141,13 @@ def read_folder(folder: str | os.PathLike) -> StudentFolder:
                 require(root, str(Path(entry["path"]) / part))
             entry["path"] = str(inside.resolve())
         components[name] = entry
-    return StudentFolder(root, meta["student"], components, dict(meta.get("files") or {}))
+    return StudentFolder(root, meta["student"], components, dict(meta.get("files") or {}), meta.get("dtype"))
+
+
+def transformer_config(folder: Path) -> Path:
+    """The transformer's config file in the student folder `folder` (causal_config.json, or a folder
+    from before: config.json); FileNotFoundError naming the folder and the expected file."""
+    for name in (TRANSFORMER_CONFIG, LEGACY_TRANSFORMER_CONFIG):
+        if (folder / TRANSFORMER / name).is_file():
+            return folder / TRANSFORMER / name
+    return require(folder, f"{TRANSFORMER}/{TRANSFORMER_CONFIG}")

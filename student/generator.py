@@ -49,7 +49,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from student.folder import INDICATOR_FILE, TRANSFORMER, read_folder, verify_files
+from student.folder import read_folder, verify_components
 from student.context import Context, pick_context
 from student.model import CausalStudent
 from student.sampling import ChunkStream
@@ -94,9 +94,11 @@ def _value(desc: dict, name: str, key: str, source: str | os.PathLike):
     return desc[key]
 
 
-def load_components(components: dict[str, dict], source: str | os.PathLike, device: torch.device | str
-                    ) -> tuple[Codec, T5TextEncoder, VideoSettings]:
-    """The codec, text encoder and video settings an export's generator.json describes."""
+def load_components(components: dict[str, dict], source: str | os.PathLike, device: torch.device | str,
+                    loaded: dict | None = None) -> tuple[Codec, T5TextEncoder, VideoSettings]:
+    """The codec, text encoder and video settings an export's generator.json describes. `loaded` holds
+    modules a diffusers pipeline already loaded ("vae", "text_encoder", "tokenizer"): they are used,
+    in the described dtypes, instead of loading the described folders."""
     for name in ("codec", "text_encoder", "video"):
         if name not in components:
             raise ValueError(f"{source}: generator.json has no component {name!r}")
@@ -107,15 +109,18 @@ def load_components(components: dict[str, dict], source: str | os.PathLike, devi
         codec: Codec = PatchCodec(int(_value(codec_desc, "codec", "patch", source)),
                                   float(codec_desc.get("mean", 0.0)), float(codec_desc.get("std", 1.0)))
     elif kind == "wan":
-        codec = WanVAECodec.from_pretrained(_value(codec_desc, "codec", "path", source), device=device,
-                                            dtype=DTYPES[codec_desc.get("dtype", "float32")])
+        dtype = DTYPES[codec_desc.get("dtype", "float32")]
+        codec = WanVAECodec(loaded["vae"].to(dtype=dtype)) if loaded else \
+            WanVAECodec.from_pretrained(_value(codec_desc, "codec", "path", source), device=device, dtype=dtype)
     else:
         raise ValueError(f"{source}: codec kind {kind!r} is not 'patch' or 'wan'")
     if _value(text_desc, "text_encoder", "kind", source) != "umt5":
         raise ValueError(f"{source}: text_encoder must be a saved 'umt5' folder; got kind {text_desc['kind']!r}")
-    text = T5TextEncoder.from_pretrained(_value(text_desc, "text_encoder", "path", source),
-                                         int(_value(text_desc, "text_encoder", "max_tokens", source)),
-                                         device=device, dtype=DTYPES[text_desc.get("dtype", "float32")])
+    max_tokens = int(_value(text_desc, "text_encoder", "max_tokens", source))
+    dtype = DTYPES[text_desc.get("dtype", "float32")]
+    text = T5TextEncoder(loaded["text_encoder"].to(dtype=dtype), loaded["tokenizer"], max_tokens) if loaded else \
+        T5TextEncoder.from_pretrained(_value(text_desc, "text_encoder", "path", source), max_tokens, device=device,
+                                      dtype=dtype)
     settings = VideoSettings(*(int(_value(video, "video", k, source)) for k in ("height", "width")),
                              float(_value(video, "video", "fps", source)),
                              int(_value(video, "video", "frames", source)))
@@ -157,9 +162,7 @@ class StreamingGenerator:
                     references: Sequence[Reference] = ()) -> "StreamingGenerator":
         """Load a student folder (a serving export or a stage's `student/`); no DeepSpeed."""
         info = read_folder(folder)
-        # the component folders held inside, against generator.json's sizes and sha256 (the
-        # transformer is verified by from_pretrained)
-        verify_files(info, lambda rel: not rel.startswith(f"{TRANSFORMER}/") and rel != INDICATOR_FILE)
+        verify_components(info)
         student = CausalStudent.from_pretrained(folder, torch_dtype=dtype).to(device)
         codec, text, video = load_components(info.components, info.folder, device)
         return cls(student, codec, text, video, global_prompt=global_prompt, seed=seed, references=references)

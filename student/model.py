@@ -21,15 +21,27 @@ import os
 from functools import partial
 
 import torch
+from diffusers import WanTransformer3DModel
 from torch import nn
 
 from kernels import chunk_causal_attention
 from teacher.backbone import Attention, KVProvider, TextKV, WanBackbone
-from student.folder import GENERATOR_FILE, INDICATOR_FILE, TRANSFORMER, read_folder, require, verify_files
+from student.folder import (GENERATOR_FILE, INDICATOR_FILE, TRANSFORMER, TRANSFORMER_CONFIG, read_folder, require,
+                            transformer_config, verify_files)
 from student.settings import StudentSettings, settings_from_dict
+from teacher.encoders import DTYPES
 from teacher.rope import shot_positions
 
 _TEACHER_POSITIONS = {"rope_offset": "shot_rope", "learnable": "sequential", "none": "sequential"}
+
+
+class CausalWanTransformer3DModel(WanTransformer3DModel):
+    """A Wan transformer saved inside a student folder: diffusers' own model and loading (bf16 keeps
+    its norms and embedders in float32), reading its config from causal_config.json. The name is
+    the point: WanTransformer3DModel.from_pretrained finds no config.json there and refuses the folder
+    rather than run these weights as a plain bidirectional Wan (student/folder.py)."""
+
+    config_name = TRANSFORMER_CONFIG
 
 
 class CausalStudent(nn.Module):
@@ -77,20 +89,22 @@ class CausalStudent(nn.Module):
     def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | None = None,
                         attention_backend: str = "auto") -> "CausalStudent":
         """The one loader: a student folder (a stage's `student/` or a serving export, see
-        student/folder.py); a missing file is named in a one-line error. Never imports DeepSpeed."""
-        from diffusers import WanTransformer3DModel
-
+        student/folder.py); a missing file is named in a one-line error. torch_dtype None loads the
+        weights in the dtype they were saved in. Never imports DeepSpeed."""
         info = read_folder(folder)
         root = info.folder
-        require(root, f"{TRANSFORMER}/config.json")
+        config = transformer_config(root)
         if not list((root / TRANSFORMER).glob("*.safetensors")):
             raise FileNotFoundError(f"{root}: student folder is missing {TRANSFORMER}/*.safetensors")
         settings = settings_from_dict(info.settings, root / GENERATOR_FILE)
         # what this loads, against the sizes and sha256 generator.json records (a corrupted byte
         # would otherwise load as weights)
         verify_files(info, lambda rel: rel.startswith(f"{TRANSFORMER}/") or rel == INDICATOR_FILE)
-        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        transformer = WanTransformer3DModel.from_pretrained(str(root / TRANSFORMER), **kwargs)
+        torch_dtype = torch_dtype or DTYPES.get(info.dtype or "float32")
+        if torch_dtype is None:
+            raise ValueError(f"{root / GENERATOR_FILE}: unknown dtype {info.dtype!r}; expected one of {sorted(DTYPES)}")
+        model = CausalWanTransformer3DModel if config.name == TRANSFORMER_CONFIG else WanTransformer3DModel
+        transformer = model.from_pretrained(str(root / TRANSFORMER), torch_dtype=torch_dtype)
         student = cls(transformer, settings, attention_backend=attention_backend)
         if student.shot_indicator is not None:
             from safetensors.torch import load_file
@@ -99,6 +113,15 @@ class CausalStudent(nn.Module):
             with torch.no_grad():
                 student.shot_indicator.copy_(saved.to(student.shot_indicator.dtype))
         return student.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's compute dtype (what diffusers' pipelines ask their models)."""
+        return self.transformer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward (the KV cache's keep_graph mode supports it)."""

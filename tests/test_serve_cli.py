@@ -118,9 +118,9 @@ def test_errors_are_one_line(exported, tmp_path, capsys):
            "num_frames 7 is not a whole number of chunks (3 latent frames each); valid frame counts: 3, 6, 9, ...")
     broken = tmp_path / "broken"
     shutil.copytree(exported, broken)
-    (broken / "transformer" / "config.json").unlink()
+    (broken / "transformer" / "causal_config.json").unlink()
     _fails(capsys, ["generate", str(broken), "--shot", SHOTS[0], "--out", str(out)],
-           f"{broken}: student folder is missing transformer/config.json")
+           f"{broken}: student folder is missing transformer/causal_config.json")
     _fails(capsys, ["export", str(tmp_path), "--out", str(tmp_path / "x")],
            f"{tmp_path}: no finished student (no stage folder whose DONE says it produces a student)")
     assert not out.exists()

@@ -43,15 +43,20 @@ def exported(tmp_path_factory):
 def test_round_trip_is_exact(exported):
     from diffusers import WanTransformer3DModel
 
+    from student.model import CausalWanTransformer3DModel
+
     student, folder = exported
     loaded = CausalStudent.from_pretrained(folder)
     assert loaded.settings == student.settings and loaded.settings.shift == 8.0
     x, t, text, context, context_text = _inputs()
     with torch.no_grad():
         assert torch.equal(student(x, t, text, context, context_text), loaded(x, t, text, context, context_text))
-        plain = WanTransformer3DModel.from_pretrained(str(folder / "transformer"))
-        assert torch.equal(plain(x, t[:, 0], text, return_dict=False)[0],
+        # diffusers' own weights, read only under our class: a plain Wan load refuses the folder
+        wan = CausalWanTransformer3DModel.from_pretrained(str(folder / "transformer"))
+        assert torch.equal(wan(x, t[:, 0], text, return_dict=False)[0],
                            student.transformer(x, t[:, 0], text, return_dict=False)[0])
+    with pytest.raises(OSError, match="no file named config.json"):
+        WanTransformer3DModel.from_pretrained(str(folder / "transformer"))
     info = read_folder(folder)
     # a serving export copies the VAE folder in as vae/ and points at itself
     assert info.components["codec"] == {"kind": "wan", "path": str(folder.resolve())}
@@ -97,7 +102,7 @@ def test_loading_does_not_import_deepspeed(exported):
 
 @pytest.mark.parametrize("missing,message", [
     ("generator.json", "student folder is missing generator.json"),
-    ("transformer/config.json", "student folder is missing transformer/config.json"),
+    ("transformer/causal_config.json", "student folder is missing transformer/causal_config.json"),
     ("transformer/diffusion_pytorch_model.safetensors", "student folder is missing transformer/\\*.safetensors"),
     ("indicator.safetensors", "student folder is missing indicator.safetensors"),
     ("vae", "student folder is missing vae"),

@@ -34,8 +34,8 @@ def test_stages_reference_the_root_and_the_export_copies_only_its_components(tmp
     assert biggest < 8 * MB and folder_bytes(run) < 48 * MB, (biggest, folder_bytes(run))
 
     export = run / "export"  # the serving export: exactly the components, nothing else of the root
-    assert sorted(p.name for p in export.iterdir() if p.is_dir()) == ["text_encoder", "tokenizer", "transformer",
-                                                                       "vae"]
+    assert sorted(p.name for p in export.iterdir() if p.is_dir()) == ["scheduler", "text_encoder", "tokenizer",
+                                                                       "transformer", "vae"]
     assert not list(export.rglob("ballast*")) and folder_bytes(export) < 8 * MB
     for part in ("vae", "text_encoder", "tokenizer"):
         assert folder_bytes(export / part) == folder_bytes(root / part), part
