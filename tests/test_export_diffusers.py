@@ -224,3 +224,19 @@ def test_a_wan_codec_export_is_a_pipeline_with_its_vae(tmp_path):
     assert [tuple(f.shape) for f in ours] == [(9, 16, 16, 3)] * 2
     for a, b in zip(ours, theirs):
         assert (a.int() - b.int()).abs().max().item() <= 1
+
+
+def test_a_student_folder_written_before_still_loads(run_dir, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    old = tmp_path / "old"  # transformer/config.json (diffusers' name) and no dtype in generator.json
+    shutil.copytree(run_dir / "causal-init" / "student", old)
+    (old / "transformer" / "causal_config.json").rename(old / "transformer" / "config.json")
+    meta = json.loads((old / "generator.json").read_text())
+    del meta["dtype"]
+    meta["files"] = record_files(old)
+    (old / "generator.json").write_text(json.dumps(meta))
+    loaded, new = CausalStudent.from_pretrained(old), CausalStudent.from_pretrained(run_dir / "causal-init" / "student")
+    assert type(loaded.transformer) is WanTransformer3DModel and loaded.dtype == torch.float32
+    for name, tensor in new.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
