@@ -114,7 +114,8 @@ def test_wan_codec_stores_context_frames_encoded_alone(folder, tmp_path):
                      temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
                      latents_std=[1.0] * 4).save_pretrained(tmp_path / "vae")
     cfg = load_recipe(default_recipe(), TINY + [
-        "codec.kind=wan", f"codec.path={tmp_path}", "data.height=16", "data.width=16", "data.shot_frames=9"])
+        "codec.kind=wan", f"codec.path={tmp_path}", "data.height=16", "data.width=16", "data.shot_frames=9",
+        "data.context.budget=6"])
     world = folder.parent / "world"
     first = json.loads((world / "manifest.jsonl").read_text().splitlines()[0])
     first.update(video=str(world / first["video"]), facts=str(world / first["facts"]))

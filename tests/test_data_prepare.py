@@ -16,9 +16,10 @@ from distill.stages.prepare import prepare
 from launch.cli import main
 from launch.data import default_recipe
 from student.video import write_mp4
-from teacher.encoders import PatchCodec, pixels_to_uint8
+from distill.data.components import build_codec
+from teacher.encoders import pixels_to_uint8
 
-TINY = ["data.synth.videos=5", "data.synth.seed=1", "data.synth.max_frames=14",
+TINY = ["data.synth.videos=5", "data.synth.seed=1", "data.synth.max_frames=14", "data.shot_frames=12",
         "data.records_per_shard=2", "logging.progress=false"]
 
 
@@ -40,7 +41,8 @@ def test_shard_latents_decode_to_the_frames_pyav_reads(prepared):
     index = json.loads((root / "out/index.json").read_text())
     assert index["shards"] == ["shard-00000", "shard-00001", "shard-00002"]
     lines = [json.loads(x) for x in manifest.read_text().splitlines()]
-    codec = PatchCodec(2)
+    cfg = tiny_cfg()
+    codec, side = build_codec(cfg.codec), cfg.data.height // cfg.codec.patch
     for rec in index["records"]:
         tensors = load_file(root / "out" / f"{rec['shard']}.safetensors")
         decoded = decode_all(root / "world" / lines[rec["line"] - 1]["video"])
@@ -48,7 +50,7 @@ def test_shard_latents_decode_to_the_frames_pyav_reads(prepared):
             latents = tensors[f"{rec['slot']}/shot{j}/latents"]
             # a shot keeps its own length (at most data.shot_frames = 12), cut to whole 3-frame chunks
             length = min(shot["end"] - shot["start"], 12) // 3 * 3
-            assert latents.shape == (12, length, 32, 32) and rec["shot_frames"][j] == length
+            assert latents.shape == (12, length, side, side) and rec["shot_frames"][j] == length
             frames = pixels_to_uint8(codec.decode(latents[None])[0]).numpy()
             assert np.array_equal(frames, decoded[shot["start"]:shot["start"] + length])
         assert len({n for rec in index["records"] for n in rec["shot_frames"]}) > 1  # many lengths

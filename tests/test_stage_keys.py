@@ -49,7 +49,7 @@ def test_a_context_budget_other_than_the_students_fails(tmp_path):
                         {"data": {"context": {"budget": 4}}})
     with pytest.raises(ConfigError, match=r"my-dmd-intra.yaml: data.context.budget=4 cannot take effect in "
                                           r"stage dmd-intra: its input dmd.generator_from='causal-init' is "
-                                          r"planned with 6$"):
+                                          r"planned with 3$"):
         plan(recipe, [f"run.out={tmp_path}"])
 
 

@@ -100,8 +100,8 @@ def test_random_wan_follows_codec_and_text_encoder():
     wan = build_wan(cfg)
     assert (wan.config.in_channels, wan.config.out_channels, wan.config.text_dim) == (48, 48, 24)
     assert list(wan.config.patch_size) == [1, 2, 2]
-    cfg = load_recipe(TINY_TEACHER, ["codec.patch=4"])
-    with pytest.raises(ValueError, match="= 192 is narrower than the 768 latent values of a token"):
+    cfg = load_recipe(TINY_TEACHER, ["codec.patch=8"])  # 192 channels x 2 x 2 patches per token
+    with pytest.raises(ValueError, match="= 256 is narrower than the 768 latent values of a token"):
         build_wan(cfg)
 
 

@@ -19,7 +19,7 @@ def test_stages_reference_the_root_and_the_export_copies_only_its_components(tmp
     root = make_wan_root(tmp_path / "Wan2.1-tiny", ballast_mb=64)
     wan = [f"model.path={root}", "codec.kind=wan", f"codec.path={root}", "text_encoder.kind=umt5",
            f"text_encoder.path={root}", "data.height=16", "data.width=16", "data.shot_frames=9",
-           "data.synth.videos=4", "data.synth.max_frames=10", "data.synth.max_shots=2", "model.patch_size=[1,2,2]",
+           "data.synth.videos=4", "data.synth.min_frames=9", "data.synth.max_frames=10", "data.synth.max_shots=2", "model.patch_size=[1,2,2]",
            "train.steps=2", "train.micro_batch=1", "train.checkpoint_every=2", "ode.pairs=2", "ode.steps=2", "ode.pairs_per_shard=2",
            "teacher.eval_samples=0", "causal_init.eval_pairs=0", "dmd.eval_videos=0", "dmd.sample_every=0",
            "logging.progress=false", f"run.out={tmp_path / 'runs'}"]

@@ -101,9 +101,11 @@ def _placed_apart(rng: np.random.Generator, motion: str, frames: int, radius: fl
     return path
 
 
-def render_shot(rng: np.random.Generator, plan: ScenePlan, shot: ShotPlan, s: SynthSettings
-                ) -> tuple[np.ndarray, list[dict]]:
-    """uint8 frames [F, H, W, 3] of one shot and the facts of its characters."""
+def render_shot(rng: np.random.Generator, plan: ScenePlan, shot: ShotPlan, s: SynthSettings,
+                before: dict[int, tuple[np.ndarray, float]] | None = None) -> tuple[np.ndarray, list[dict]]:
+    """uint8 frames [F, H, W, 3] of one shot and the facts of its characters. `before` holds each
+    character's last centre and radius in the previous shot: the cut moves the camera, so a character
+    starts clear of where it was when the frame has room (a cut must show, even with one sprite)."""
     frames = np.empty((shot.frames, s.height, s.width, 3), np.uint8)
     frames[:] = BACKGROUNDS[plan.background]
     scale = FRAMINGS[shot.framing]
@@ -111,7 +113,8 @@ def render_shot(rng: np.random.Generator, plan: ScenePlan, shot: ShotPlan, s: Sy
     for cid, motion in shot.motions.items():
         ch: Character = plan.cast[cid]
         radius = SIZES[ch.size] * min(s.height, s.width) * scale * s.sprite_scale
-        start, end = _placed_apart(rng, motion, shot.frames, radius, s.speed * scale, s, placed)
+        was = [((before[cid][0], before[cid][0]), before[cid][1])] if before and cid in before else []
+        start, end = _placed_apart(rng, motion, shot.frames, radius, s.speed * scale, s, placed + was)
         placed.append(((start, end), radius))
         for f in range(shot.frames):
             t = f / max(shot.frames - 1, 1)
@@ -128,9 +131,10 @@ def render_video(index: int, s: SynthSettings) -> tuple[np.ndarray, dict]:
     plan = plan_scene(rng, (s.min_shots, s.max_shots), (s.min_frames, s.max_frames), s.max_cast,
                       distinct_shapes=s.captions == "memory")
     glob, texts = captions(plan, s.captions)
-    clips, shots, start = [], [], 0
+    clips, shots, start, before = [], [], 0, {}
     for shot, caption in zip(plan.shots, texts):
-        pixels, characters = render_shot(rng, plan, shot, s)
+        pixels, characters = render_shot(rng, plan, shot, s, before)
+        before = {c["id"]: (np.array(c["end"]), c["radius"]) for c in characters}
         clips.append(pixels)
         shots.append({"start": start, "end": start + shot.frames, "framing": shot.framing,
                       "caption": caption, "characters": characters})
