@@ -135,15 +135,21 @@ def test_two_ranks_zero3_intra_then_inter(dmd_world, tmp_path):
     assert acc.Histograms("dmd-inter/exit_steps")
 
 
+GUIDED_RESUME = pytest.mark.xfail(strict=True, reason="with DMD guidance > 0 the resumed run logs the same "
+                                  "losses but exports another student: something of the guided step is "
+                                  "not restored (found 2026-11-30, not yet fixed)")
+
+
 @pytest.mark.slow
-def test_two_ranks_zero2_kill9_resume_is_bit_identical_with_ema_and_only_lora_changes(dmd_world, tmp_path):
+@pytest.mark.parametrize("guidance", [0.0, pytest.param(3.0, marks=GUIDED_RESUME)])
+def test_two_ranks_zero2_kill9_resume_is_bit_identical_with_ema_and_only_lora_changes(dmd_world, tmp_path, guidance):
     """2 gloo ranks, ZeRO-2: rank 1 killed as step 2 starts (checkpoint at 2) and resumed, dmd-inter logs
     the same finite generator and critic losses as an uninterrupted 2-rank run and exports the same
     EMA student; LoRA leaves base weights."""
     # generator updates at steps 0 and 2: the EMA starts at 0, so the checkpoint holds it and the
     # resumed step 2 averages into the restored EMA (a lost EMA would export step 2's weights)
     overrides = WORLD + STEPS + ["train.steps=3", "dmd.ema_decay=0.5", "dmd.ema_start=0", "logging.progress=false",
-                                 "deepspeed.zero_stage=2"]
+                                 "deepspeed.zero_stage=2", f"dmd.guidance={guidance}"]
     ref = _fresh(dmd_world, tmp_path / "ref", intra=True)
     intra_done = ref / "tiny" / "dmd-intra"
     cut = _fresh(dmd_world, tmp_path / "cut", intra=True)

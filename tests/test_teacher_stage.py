@@ -215,7 +215,8 @@ def test_tiny_teacher_recipe_end_to_end(tmp_path):
 
     from distill.data.datasets import ShotDataset
     from distill.logging import read_scalars
-    from teacher.encoders import PatchCodec, pixels_to_uint8
+    from distill.data.components import build_codec
+    from teacher.encoders import pixels_to_uint8
     from teacher.model import NextShotTeacher
 
     args = ["run", str(TINY_TEACHER), f"run.out={tmp_path}", "train.steps=4", "train.checkpoint_every=2",
@@ -236,9 +237,10 @@ def test_tiny_teacher_recipe_end_to_end(tmp_path):
     teacher = NextShotTeacher.from_pretrained(model)
     assert teacher.trainable == "all" and teacher.transformer.config.in_channels == 12
     WanTransformer3DModel.from_pretrained(str(model))
-    data = ShotDataset(run / "prepare", "dynamic", 6)
+    data = ShotDataset(run / "prepare", "dynamic", 3)
+    codec = build_codec(load_recipe(TINY_TEACHER).codec)  # the recipe's normalisation
     for k in range(0, len(data), 3):  # the world's own shots, through mp4 and the codec, score 1
-        frames = pixels_to_uint8(PatchCodec(2).decode(data[k]["latents"][None])[0])
+        frames = pixels_to_uint8(codec.decode(data[k]["latents"][None])[0])
         record = data.data.records[data.items[k][0]]
         assert colour_consistency(frames, record["facts"], data.items[k][1]) == 1.0
     marker = (run / "teacher" / "DONE").read_text()
