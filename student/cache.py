@@ -12,6 +12,13 @@ of its shot, itself) are always one contiguous slice of the buffer and no pass a
 memory. Keys need no particular order: RoPE is applied before caching and nothing inside that slice
 is masked. Hence the full-sequence equivalent is `window_chunks = local_chunks + 1`.
 
+Fixed-shape passes (student/compiled.py): `fixed_chunk_pass` gives a provider whose every chunk pass
+has the same shapes, for torch.compile and CUDA graphs: the chunk's ring slot is a tensor of token
+indices written with `index_copy_`, and the pass attends to the whole buffer with a boolean mask
+(the context and the filled ring slots are visible), instead of slicing a span whose
+length grows over the first chunks and with the context. The visible keys are the same, so the
+result equals the sliced pass up to the order of the softmax sums.
+
 Autograd policy:
 - detached (default): the buffer never carries a graph. Writing a key that requires grad raises,
   because in-place overwrites of tensors saved for backward (and history kept by a `no_grad` write)
@@ -80,6 +87,20 @@ class _Writer:
         return (torch.cat([p[0] for p in past] + [k], dim=1), torch.cat([p[1] for p in past] + [v], dim=1))
 
 
+class FixedWriter:
+    """KV provider of a fixed-shape chunk pass: writes the chunk's K/V at `index` (token positions
+    [chunk_tokens]) and attends to the whole buffer (the caller masks what is not visible)."""
+
+    def __init__(self, buffer: torch.Tensor, index: torch.Tensor) -> None:
+        self.buffer, self.index = buffer, index
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.buffer[layer, 0], self.buffer[layer, 1]
+        keys.index_copy_(1, self.index, k.to(keys.dtype))
+        values.index_copy_(1, self.index, v.to(values.dtype))
+        return keys, values
+
+
 class KVCache:
     """Global + local KV cache of the causal student for one stream of B rows (see module doc)."""
 
@@ -127,6 +148,27 @@ class KVCache:
             self.global_kv = kv
         else:
             self.local_kv = (self.local_kv + [kv])[-self.shape.local_chunks:] if self.shape.local_chunks else []
+
+    def fixed_chunk_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, visible) of the shot's next chunk pass in fixed-shape form (module doc): the token
+        positions of its ring slot [chunk_tokens] (long) and which of the buffer's T keys it attends
+        to [T] (bool). `FixedWriter(buffer, index)` is its provider; a committing pass is followed
+        by `finish_fixed(commit=True)`."""
+        if self.buffer is None:
+            raise RuntimeError("fixed-shape passes need the detached cache (keep_graph=False)")
+        shape, start = self.shape, self.shape.global_tokens
+        slot = self.chunks % shape.ring_slots
+        lo = start + slot * shape.chunk_tokens
+        device = self.buffer.device
+        index = torch.arange(lo, lo + shape.chunk_tokens, device=device)
+        visible_end = start + min(self.chunks + 1, shape.ring_slots) * shape.chunk_tokens
+        tokens = torch.arange(self.buffer.shape[3], device=device)
+        return index, (tokens >= start - self.global_len) & (tokens < visible_end)
+
+    def finish_fixed(self, commit: bool) -> None:
+        """After a fixed-shape chunk pass: a committing one keeps its chunk (its K/V are in place)."""
+        if commit:
+            self.chunks += 1
 
     def reset(self) -> None:
         """Forget everything (a new stream); the buffer is kept."""

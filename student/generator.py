@@ -39,6 +39,11 @@ Chunk decoding: with a temporal factor of 1 each chunk decodes on its own. With 
 first chunk of a shot gives 1 + 4·(chunk − 1) frames; every later chunk is decoded together with the
 shot's previous latent frame and that frame's output is dropped, giving 4·chunk frames. A shot of
 k chunks therefore has 1 + tf·(k·chunk − 1) frames, the length the codec gives its latents.
+
+Speed (`compile=`, student/compiled.py): "regions" compiles each block's FFN and norms, "compile" the
+whole fixed-shape chunk pass, "cudagraph" (CUDA) also replays it as a CUDA graph and decodes chunk k
+on a side stream while chunk k + 1 denoises (so chunk k + 1 is already running when chunk k's frames
+are handed out). Frames equal eager up to float rounding.
 """
 
 from __future__ import annotations
@@ -131,7 +136,8 @@ class StreamingGenerator:
     """Shot-by-shot streaming generation with an exported causal student (see module doc)."""
 
     def __init__(self, student: CausalStudent, codec: Codec, text_encoder: T5TextEncoder, video: VideoSettings,
-                 global_prompt: str = "", seed: int = 0, references: Sequence[Reference] = ()) -> None:
+                 global_prompt: str = "", seed: int = 0, references: Sequence[Reference] = (), *,
+                 compile: str = "none") -> None:
         self.student, self.codec, self.text_encoder, self.video = student.eval(), codec, text_encoder, video
         self.seed = seed
         param = next(student.parameters())
@@ -148,7 +154,9 @@ class StreamingGenerator:
                              f"{student.transformer.config.text_dim}")
         self.latent_size = (video.height // sf, video.width // sf)
         student.backbone.check_latents("latents", torch.empty(1, codec.channels, s.chunk_frames, *self.latent_size))
-        self.stream = ChunkStream(student, 1, *self.latent_size)
+        self.stream = ChunkStream(student, 1, *self.latent_size, compile=compile)
+        # cudagraph: chunk k decodes on this stream while chunk k + 1 denoises (module doc)
+        self.side = torch.cuda.Stream(self.device) if compile == "cudagraph" else None
         self.rng = torch.Generator(device=self.device)
         self.global_prompt = global_prompt
         self._epoch = 0
@@ -159,13 +167,15 @@ class StreamingGenerator:
     @classmethod
     def from_export(cls, folder: str | os.PathLike, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = None, global_prompt: str = "", seed: int = 0,
-                    references: Sequence[Reference] = ()) -> "StreamingGenerator":
-        """Load a student folder (a serving export or a stage's `student/`); no DeepSpeed."""
+                    references: Sequence[Reference] = (), *, compile: str = "none") -> "StreamingGenerator":
+        """Load a student folder (a serving export or a stage's `student/`); no DeepSpeed. `compile`:
+        none | regions | compile | cudagraph (student/compiled.py)."""
         info = read_folder(folder)
         verify_components(info)
         student = CausalStudent.from_pretrained(folder, torch_dtype=dtype).to(device)
         codec, text, video = load_components(info.components, info.folder, device)
-        return cls(student, codec, text, video, global_prompt=global_prompt, seed=seed, references=references)
+        return cls(student, codec, text, video, global_prompt=global_prompt, seed=seed, references=references,
+                   compile=compile)
 
     # ---- state -----------------------------------------------------------------------------
     def reset(self, references: Sequence[Reference] | None = None) -> None:
@@ -237,12 +247,9 @@ class StreamingGenerator:
         with torch.no_grad():  # not held across a yield: the caller's grad mode stays its own
             self.stream.begin_shot(shot.text.unsqueeze(0), self._context())
         pending: dict[int, torch.Tensor] = {}
-        previous, offset = None, 0
-        for index in range(chunks):
-            with torch.no_grad():
-                x0 = self.stream.next_chunk(self.rng)
-                pixels = self._decode(x0, previous)  # [3, f, H, W]
-            if not torch.isfinite(pixels).all():  # NaN frames would be written as black
+        offset = 0
+        for index, (x0, pixels, frames, finite) in enumerate(self._chunks(chunks)):
+            if not finite:  # NaN frames would be written as black
                 culprit = "student" if not torch.isfinite(x0).all() else "decoder"
                 raise FloatingPointError(
                     f"shot {len(self.shots) + 1}, chunk {index + 1}: the {culprit} produced non-finite values "
@@ -251,13 +258,54 @@ class StreamingGenerator:
             for j in range(pixels.shape[1]):
                 if offset + j in keep:
                     pending[offset + j] = source[:, j].clone()
-            offset, previous = offset + pixels.shape[1], x0[:, :, -1:]
-            yield pixels_to_uint8(pixels).cpu()
+            offset += pixels.shape[1]
+            yield frames
             if self._epoch != mine:
                 raise RuntimeError("this shot was abandoned: a later next_shot() or reset() took over the stream")
         shot.kept = self._encode_kept(pending)
         self.shots.append(shot)
         self._forget_unreachable()
+
+    def _chunks(self, chunks: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
+        """(x0, pixels [3, f, H, W], uint8 frames on the CPU, all finite) of each chunk of the shot begun."""
+        if self.side is not None:
+            yield from self._overlapped_chunks(chunks)
+            return
+        previous = None
+        for _ in range(chunks):
+            with torch.no_grad():
+                x0 = self.stream.next_chunk(self.rng)
+                pixels = self._decode(x0, previous)
+            yield x0, pixels, *self._frames(pixels)
+            previous = x0[:, :, -1:]
+
+    def _overlapped_chunks(self, chunks: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
+        """`_chunks` on CUDA, chunk k decoded on the side stream while chunk k + 1 denoises on the
+        current one. Chunk k + 1 is queued before chunk k's frames are copied to the CPU (a wait on
+        the side stream only) and handed out; its noise draws come in the same order, so the frames
+        are those of `_chunks`."""
+        main, previous = torch.cuda.current_stream(self.device), None
+        with torch.no_grad():
+            x0 = self.stream.next_chunk(self.rng)
+        for index in range(chunks):
+            self.side.wait_stream(main)  # x0 was written on main
+            with torch.no_grad(), torch.cuda.stream(self.side):
+                pixels = self._decode(x0, previous)
+            x0.record_stream(self.side)  # the allocator must not reuse x0 while the side stream reads it
+            following = None
+            if index + 1 < chunks:
+                with torch.no_grad():
+                    following = self.stream.next_chunk(self.rng)
+            with torch.no_grad(), torch.cuda.stream(self.side):
+                frames, finite = self._frames(pixels)  # waits for the side stream alone
+            main.wait_stream(self.side)  # the caller's use of the pixels comes after the decode
+            pixels.record_stream(main)
+            yield x0, pixels, frames, finite
+            previous, x0 = x0[:, :, -1:], following
+
+    def _frames(self, pixels: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """uint8 frames [f, H, W, 3] on the CPU, and whether every pixel is finite (NaN would be black)."""
+        return pixels_to_uint8(pixels).cpu(), bool(torch.isfinite(pixels).all())
 
     def _decode(self, x0: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         """Pixels [3, f, H, W] of a chunk; Wan's causal VAE continues from the shot's previous latent."""

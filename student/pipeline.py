@@ -116,21 +116,22 @@ class ShotStreamPipeline(DiffusionPipeline):
         return replace(self.transformer.settings, denoising_steps=[float(t) for t in config[TIMESTEPS_KEY]],
                        shift=float(config["shift"])).check()
 
-    def stream(self, global_prompt: str = "", seed: int = 0, references: Sequence[Reference] = ()
-               ) -> StreamingGenerator:
-        """A new story: `next_shot(prompt)` yields each chunk's frames as it is generated."""
+    def stream(self, global_prompt: str = "", seed: int = 0, references: Sequence[Reference] = (), *,
+               compile: str = "none") -> StreamingGenerator:
+        """A new story: `next_shot(prompt)` yields each chunk's frames as it is generated. `compile`:
+        none | regions | compile | cudagraph (StreamingGenerator, student/compiled.py)."""
         self.transformer.settings = self.student_settings()
         return StreamingGenerator(self.transformer, self._codec, self._text, self.video, global_prompt=global_prompt,
-                                  seed=seed, references=references)
+                                  seed=seed, references=references, compile=compile)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], global_prompt: str = "", seed: int = 0, num_frames: int | None = None,
-                 references: Sequence[Reference] = (), return_dict: bool = True):
+                 references: Sequence[Reference] = (), return_dict: bool = True, *, compile: str = "none"):
         """A story of one shot per prompt, each conditioned on the shots before it; num_frames per shot
-        (default: the training shot length)."""
+        (default: the training shot length); `compile` as `stream`."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError("prompts must be a list of shot prompts, one per shot")
-        session = self.stream(global_prompt, seed, references)
+        session = self.stream(global_prompt, seed, references, compile=compile)
         frames = [torch.cat(list(session.next_shot(prompt, num_frames))) for prompt in prompts]
         return ShotStreamPipelineOutput(frames=frames) if return_dict else (frames,)
 

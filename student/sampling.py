@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from student.cache import CacheShape, KVCache
+from student.compiled import FixedChunkPasses, check_mode, compile_regions
 from student.context import Context, pick_context
 from student.model import CausalStudent
 from teacher.backbone import TextKV, sdpa_attention
@@ -65,10 +66,12 @@ class ChunkStream:
 
     keep_graph: the cache keeps tensors (with their graph) instead of writing a preallocated buffer
     in place; use it for rollouts that backpropagate (see student/cache.py for the policy).
+    compile: none | regions | compile | cudagraph, how the chunk passes run (student/compiled.py).
     """
 
     def __init__(self, student: CausalStudent, batch: int, height: int, width: int, keep_graph: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 compile: str = "none") -> None:
         param = next(student.parameters())
         self.student, self.batch, self.height, self.width = student, batch, height, width
         # the compute dtype: a bf16 Wan loaded by diffusers keeps its norms and embedders in float32
@@ -84,6 +87,10 @@ class ChunkStream:
         self.frame_start = 0  # latent frames before the shot's first frame (the context)
         self.shot = torch.zeros(batch, 1, dtype=torch.float64, device=self.device)
         self.chunk = 0
+        self.compile = check_mode(compile, self.device)
+        if compile == "regions":
+            compile_regions(student)
+        self.fixed = FixedChunkPasses(student, self.cache, compile) if compile in ("compile", "cudagraph") else None
 
     # ---- shots ------------------------------------------------------------------------------
     def begin_shot(self, text: torch.Tensor, context: Context | None = None, grad: bool = False) -> None:
@@ -103,8 +110,10 @@ class ChunkStream:
         text_kv, frame_text = student.text_conditioning(text, context_text, fc, 1)
         if frame_text is not None:  # the context pass uses every group, the shot's chunks only its own
             frame_text, group = frame_text[:, :fc], int(frame_text[0, -1])
-            target_kv = TextKV([k[:, group:group + 1] for k in text_kv.keys],
-                               [v[:, group:group + 1] for v in text_kv.values])
+            # fresh contiguous strides (size-1 dims included): those of a one-text shot, so that a
+            # compiled chunk pass is not recompiled at the first shot with history
+            dense = lambda t: t[:, group:group + 1].clone(memory_format=torch.contiguous_format)  # noqa: E731
+            target_kv = TextKV([dense(k) for k in text_kv.keys], [dense(v) for v in text_kv.values])
         else:
             target_kv = text_kv
         writer = self.cache.context_pass(fc // student.backbone.patch_size[0])
@@ -138,6 +147,8 @@ class ChunkStream:
         phases = (self.shot * student.settings.position_theta).expand(self.batch, frames)
         timesteps = t.to(self.device).unsqueeze(1).expand(self.batch, frames) if t.ndim == 1 else t
         marked = (0, frames) if self.chunk == 0 and self.frame_start else None
+        if self.fixed is not None:
+            return self.fixed(x, timesteps, positions, phases, self.text, marked is not None, 0 if commit else frames)
         writer = self.cache.chunk_pass(commit)
         out = student.run(x, timesteps, positions, self.text, None, sdpa_attention, writer, marked,
                           out_frames=0 if commit else frames, phases=phases)
