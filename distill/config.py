@@ -128,11 +128,29 @@ class LoggingConfig:
 
 
 @dataclass
+class ContextNoiseConfig:
+    shot: List[float] = key([0.0, 0.0], "[lo, hi]: during teacher and DMD-critic training every context (shot "
+                            "memory) frame is noised at its own t ~ U[lo, hi] and runs at that t (FilmWeaver: "
+                            "100-400); [0, 0]: clean context at t = 0, no draw (distill/context_noise.py)")
+
+
+@dataclass
+class NegativeContextConfig:
+    p: float = key(0.0, "probability a teacher / dmd_intra sample gets frames of another record as an extra "
+                   "history shot at a random place in its context (FilmWeaver's negative sampling; 0: off)")
+    frames: int = key(1, "most frames of that irrelevant shot, evenly spaced (distill/data/negatives.py)")
+
+
+@dataclass
 class ContextConfig:
     strategy: str = choice(_STUDENT.context_strategy, STRATEGIES,
                            "which history frames condition a shot (teacher/context.py)")
     budget: int = key(_STUDENT.context_frames, "dynamic strategy: context frames taken from the history "
                       "shots (the student's global cache size)")
+    noise: ContextNoiseConfig = section(ContextNoiseConfig, "asymmetric context noise against copy-paste "
+                                        "(training only; generation keeps clean context)")
+    negative: NegativeContextConfig = section(NegativeContextConfig, "negative context: irrelevant frames "
+                                              "mixed into training histories")
 
 
 @dataclass

@@ -21,7 +21,8 @@ its fingerprint (`fingerprint`). The runner records it in the stage's `DONE` and
 every checkpoint's `COMMITTED` (without `train.steps`: a checkpoint may be trained on to another
 length). A finished stage is reused, and a checkpoint resumed, only when the fingerprint still
 matches; otherwise the run stops naming every differing key, old → new (`check_fingerprint`),
-unless `resume=force`.
+unless `resume=force`. A key the schema gained since, at its default, is no difference: defaults keep
+what runs did before the key existed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ COMMON = ("stage", "needs", "pipeline", "resume", "overrides", "run", "logging")
 TRAINING = ("train", "deepspeed")
 # what a stage leaving a student folder describes in it (distill/models.py `student_components`)
 STUDENT_FOLDER = ("codec", "text_encoder", "data.height", "data.width", "data.fps", "data.shot_frames")
+# the context rule (which history frames a shot sees): what a student is built with, what ODE pairs and
+# prepared context frames follow; data.context.noise / negative shape training only (teacher, dmd)
+CONTEXT_RULE = ("data.context.strategy", "data.context.budget")
 RECIPE_ONLY = ("base",)  # recipe-file syntax, not a key of the schema
 # keys that cannot change what a stage computes: they may differ from what a finished or checkpointed
 # stage recorded (how it is logged and checkpointed, how long collectives wait, the run's name and place,
@@ -162,7 +166,20 @@ def fingerprint_changes(recorded: dict | None, current: dict | None) -> list[str
         return []
     absent = "(absent)"
     return [f"{k}: {absent if old is None else repr(old)} → {absent if new is None else repr(new)}"
-            for k, old, new in differences(recorded["keys"], current["keys"])]
+            for k, old, new in differences(recorded["keys"], current["keys"]) if not _added_default(k, old, new)]
+
+
+def _added_default(key: str, old: Any, new: Any) -> bool:
+    """A key the schema gained after the record was made, at its default: a default keeps the behaviour
+    from before the key existed (a rule of the schema), so it is no change."""
+    from distill.config import schema
+
+    if old is not None or new is None:
+        return False
+    default = OmegaConf.select(schema(), key, default=None)
+    if OmegaConf.is_config(default):
+        default = OmegaConf.to_container(default)
+    return default is not None and default == new
 
 
 def check_fingerprint(recorded: dict | None, current: dict | None, what: str, force: bool = False) -> list[str]:

@@ -114,6 +114,17 @@ def load_teacher(folder: str | Path, attention: str = "auto") -> NextShotTeacher
     return use_attention(NextShotTeacher.from_pretrained(folder, torch_dtype=torch.float32), attention)
 
 
+def save_teacher(engine, folder: str | Path, env) -> None:
+    """Rank 0 writes a trained teacher engine's module as a diffusers folder (ZeRO-3 shards gathered first)."""
+    from distill.distributed import barrier
+    from distill.trainer import gathered
+
+    with gathered(engine):
+        if env.is_main:
+            engine.module.save_pretrained(folder)
+    barrier()
+
+
 def check_student_keys(cfg: DictConfig) -> None:
     """The `student.*` keys omegaconf cannot range-check, before any compute (ValueError naming the key)."""
     from student.settings import StudentSettings

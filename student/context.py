@@ -1,9 +1,10 @@
 """The history that conditions a shot, as one object, and the one function that builds it.
 
 A `Context` holds the clean latents of the picked history frames, each frame's own text (global ⊕
-its shot's caption) and each frame's shot index. Unbatched (a dataset item) it is latents
-[C, Fc, h, w], texts [Fc, L, D], shots [Fc]; batched it is [B, C, Fc, h, w], [B, Fc, L, D],
-[B, Fc]. Fc may be 0 (a first shot): datasets keep such empty contexts so that items collate, and
+its shot's caption) and each frame's shot index; training may noise its frames, and then `timesteps`
+[B, Fc] holds each frame's timestep (distill/context_noise.py; None: clean, at t = 0). Unbatched (a
+dataset item) it is latents [C, Fc, h, w], texts [Fc, L, D], shots [Fc]; batched it is
+[B, C, Fc, h, w], [B, Fc, L, D], [B, Fc]. Fc may be 0 (a first shot): datasets keep such empty contexts so that items collate, and
 `Context.nonempty` turns them into None for the models, whose keyword arguments `kwargs` gives.
 
 `pick_context` applies the sampling rule (teacher/context.py) to a history and reads the picked
@@ -13,7 +14,7 @@ the streaming generator (generated shots) and the eval probes all pick frames th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -24,11 +25,14 @@ from teacher.context import sample_context
 
 @dataclass
 class Context:
-    """Clean history latents, their texts and shot indices (see module doc for the shapes)."""
+    """History latents, their texts and shot indices (see module doc for the shapes)."""
 
     latents: torch.Tensor
     texts: torch.Tensor
     shots: torch.Tensor
+    # [B, Fc] timestep of each frame when the latents were noised for training; None: clean (t = 0). Set on
+    # batched contexts only, after collation (`stack` and `cat` build clean contexts)
+    timesteps: torch.Tensor | None = None
 
     @property
     def frames(self) -> int:
@@ -41,12 +45,17 @@ class Context:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Context":
         """Latents and texts moved (and cast to `dtype`); shot indices stay long."""
+        timesteps = None if self.timesteps is None else self.timesteps.to(device=device)
         return Context(self.latents.to(device=device, dtype=dtype), self.texts.to(device=device, dtype=dtype),
-                       self.shots.to(device=device, dtype=torch.long))
+                       self.shots.to(device=device, dtype=torch.long), timesteps)
 
     def kwargs(self) -> dict[str, torch.Tensor]:
-        """The models' context keyword arguments (NextShotTeacher / CausalStudent forward)."""
-        return {"context": self.latents, "context_text": self.texts, "context_shots": self.shots}
+        """The models' context keyword arguments (NextShotTeacher / CausalStudent forward); noised frames'
+        timesteps only when set (the teacher takes them, the student's cache holds clean frames only)."""
+        out = {"context": self.latents, "context_text": self.texts, "context_shots": self.shots}
+        if self.timesteps is not None:
+            out["context_timesteps"] = self.timesteps
+        return out
 
     @staticmethod
     def empty_like(latents: torch.Tensor, text: torch.Tensor) -> "Context":
@@ -87,7 +96,7 @@ def denoisers(model: Callable, context: Context | None, negative_scope: str) -> 
 
     def uncond(x, t, text):
         texts = text[:, None].expand_as(context.texts).to(context.texts.dtype)
-        return model(x, t, text, **Context(context.latents, texts, context.shots).kwargs())
+        return model(x, t, text, **replace(context, texts=texts).kwargs())
 
     return cond, uncond
 
@@ -130,5 +139,5 @@ def drop_text(text: torch.Tensor, context: Context | None, p: float
     keep = (~dropped).to(text.device, text.dtype)
     text = text * keep[:, None, None]
     if context is not None:
-        context = Context(context.latents, context.texts * keep[:, None, None, None], context.shots)
+        context = replace(context, texts=context.texts * keep[:, None, None, None])
     return text, context, dropped

@@ -14,6 +14,9 @@ Captions: "multi" — each context frame cross-attends to its own shot's text (`
 target frames to `text`; "target_only" — every frame uses `text`.
 Context timestep: "zero" — the clean context tokens run at t = 0; "target" — at the target's
 timestep (the official ShotStream teacher's convention; the context stays clean either way).
+Training may noise the context (FilmWeaver's asymmetric noise, distill/context_noise.py): then
+`context_timesteps` [B, Fc] gives each context frame the timestep it was noised at, in place of either
+convention (frame_concat only: channel_concat has no context tokens to carry a timestep).
 Positions: "shot_rope" — frame t of shot k turns every temporal RoPE band by the phase k·θ on top
 of its angle at t (teacher/rope.py); "sequential" — t alone.
 """
@@ -140,16 +143,24 @@ class NextShotTeacher(nn.Module):
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, noisy: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 context: torch.Tensor | None = None, context_text: torch.Tensor | None = None,
-                context_shots: torch.Tensor | None = None) -> torch.Tensor:
+                context_shots: torch.Tensor | None = None,
+                context_timesteps: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity for the target frames, shaped like `noisy` [B, C, F, H, W].
 
         timestep [B] (or [B, F] per target frame) in [0, 1000]; text [B, L, D] the target shot's
         text; context [B, C, Fc, H, W] clean latents; context_text [B, Fc, L, D] each context frame's
-        own shot text; context_shots [B, Fc] or [Fc] shot index of each context frame (0 = oldest).
+        own shot text; context_shots [B, Fc] or [Fc] shot index of each context frame (0 = oldest);
+        context_timesteps [B, Fc] the timestep each context frame was noised at (None: clean, the
+        `context_timestep` convention).
         Without context_shots, a context frame starts a new shot where its text differs from the
         previous frame's (one shot when there is no context_text). The target is the next shot.
         """
         self._check_inputs(noisy, timestep, text, context, context_text)
+        if context_timesteps is not None and (context is None or self.injection != "frame_concat"
+                                              or tuple(context_timesteps.shape) != (context.shape[0], context.shape[2])):
+            got = None if context is None else list(context.shape)
+            raise ValueError(f"context_timesteps {list(context_timesteps.shape)} needs frame_concat injection and "
+                             f"must be [B, Fc] for context {got}")
         if self.injection == "channel_concat":
             return self._forward_channel_concat(noisy, timestep, text, context, context_shots)
         frames = noisy.shape[2]
@@ -161,7 +172,9 @@ class NextShotTeacher(nn.Module):
             latents = torch.cat([context.to(noisy.dtype), noisy], dim=2)
             if timestep.ndim == 1:
                 timestep = timestep.unsqueeze(1).expand(-1, frames)
-            timesteps = torch.cat([self._context_timesteps(timestep, context.shape[2]), timestep], dim=1)
+            if context_timesteps is None:
+                context_timesteps = self._context_timesteps(timestep, context.shape[2])
+            timesteps = torch.cat([context_timesteps.to(timestep.device, timestep.dtype), timestep], dim=1)
         text_kv, frame_text = self._text(text, context, context_text, frames)
         return self.backbone(latents, timesteps, positions, text_kv, frame_text, out_frames=frames, phases=phases)
 

@@ -65,9 +65,12 @@ def synth_settings(synth: DictConfig) -> SynthSettings:
                          sprite_scale=synth.sprite_scale)
 
 
-def shot_stream(cfg: DictConfig, rank: int, world: int) -> DataStream:
-    """Next-shot micro-batches (teacher, intra-shot) of this rank, context per `data.context`."""
-    dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget)
+def shot_stream(cfg: DictConfig, rank: int, world: int, limit: int | None = None) -> DataStream:
+    """Next-shot micro-batches (teacher, intra-shot) of this rank, context per `data.context` (negative
+    context included; `limit`: at most that many context frames, the newest)."""
+    negative = cfg.data.context.negative
+    mixed = (negative.p, negative.frames, cfg.run.seed) if negative.p > 0 else None
+    dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget, mixed, limit)
     return DataStream(dataset, cfg.train.micro_batch, cfg.run.seed, rank, world)
 
 

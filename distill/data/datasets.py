@@ -1,6 +1,7 @@
 """Datasets over a prepared folder: next-shot samples (teacher, intra-shot) and caption prompts (inter-shot).
 
-`ShotDataset` item i is one (record, target shot) pair:
+`ShotDataset` item i is one (record, target shot) pair (with `negative`, its context may also hold an
+irrelevant shot of another record, distill/data/negatives.py; `set_epoch` varies that draw per epoch):
 
     latents       [C, F, h, w]      the target shot
     text          [L, D]            global ⊕ target caption tokens, zero-padded (L = 2·max_tokens)
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from distill.data.negatives import NegativeShot, insert_shot, pick_negative
 from distill.data.shards import INDEX, ShardReader, read_json
 from student.context import Context, pick_context
 from teacher.context import sample_context
@@ -65,6 +67,12 @@ class PreparedData:
                              f"{self.settings['budget']}); prepare again with this context setting")
         return self.tensor(record, f"shot{shot}/frames")[:, frames.index(frame)]
 
+    def context_pool(self, record: dict) -> list[list[int]]:
+        """Per shot of `record`, the frames `context_frame` can read (Wan: those prepared as context frames)."""
+        if self.settings["context"]["frames"] == "shot":
+            return [list(range(n)) for n in record["shot_frames"]]
+        return [list(frames) for frames in record["context_frames"]]
+
     def history(self, record: dict, shots: int, strategy: str, budget: int) -> Context | None:
         """The context of shot `shots` of `record`: picked from its ground-truth shots before it."""
         return pick_context(record["shot_frames"][:shots], strategy, budget,
@@ -72,14 +80,31 @@ class PreparedData:
 
 
 class ShotDataset:
-    """(record, target shot) pairs with context sampled by `strategy` and `budget`."""
+    """(record, target shot) pairs with context sampled by `strategy` and `budget`; `negative` = (p, frames,
+    seed) mixes irrelevant shots into contexts (`data.context.negative`); `limit` keeps only the newest
+    `limit` context frames (a student's global cache holds no more than its budget)."""
 
-    def __init__(self, folder: str | Path, strategy: str, budget: int) -> None:
+    def __init__(self, folder: str | Path, strategy: str, budget: int,
+                 negative: tuple[float, int, int] | None = None, limit: int | None = None) -> None:
         self.data = PreparedData(folder)
-        self.strategy, self.budget = strategy, budget
+        self.strategy, self.budget, self.negative, self.limit = strategy, budget, negative, limit
         self.items = [(r, j) for r, rec in enumerate(self.data.records) for j in range(len(rec["captions"]))]
         if not self.items:
             raise ValueError(f"{folder}: no prepared records")
+        self.epoch = 0
+        self._pools = [self.data.context_pool(rec) for rec in self.data.records] if negative else None
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the negative draws belong to (DataStream calls it before each epoch's batches)."""
+        self.epoch = epoch
+
+    def negative_shot(self, i: int) -> NegativeShot | None:
+        """The irrelevant shot mixed into item i this epoch, or None."""
+        if self.negative is None:
+            return None
+        p, frames, seed = self.negative
+        r, target = self.items[i]
+        return pick_negative(self._pools, r, target, p, frames, seed, self.epoch, i)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -89,14 +114,29 @@ class ShotDataset:
         r, target = self.items[i]
         rec = self.data.records[r]
         picks = sample_context(rec["shot_frames"][:target], self.strategy, self.budget)
-        return len(picks), rec["latent_frames"][target]
+        negative = self.negative_shot(i)
+        if negative is None:
+            return len(picks), rec["latent_frames"][target]
+        frames = len(picks) + len(negative.frames)
+        return frames if self.limit is None else min(frames, self.limit), rec["latent_frames"][target]
 
     def __getitem__(self, i: int) -> dict:
         r, target = self.items[i]
         rec, data = self.data.records[r], self.data
         latents = data.tensor(rec, f"shot{target}/latents")
         text = data.shot_text(rec, target)
-        context = data.history(rec, target, self.strategy, self.budget) or Context.empty_like(latents, text)
+        context = data.history(rec, target, self.strategy, self.budget)
+        negative = self.negative_shot(i)
+        if negative is not None:
+            other = data.records[negative.record]
+            extra = Context(torch.stack([data.context_frame(other, negative.shot, f) for f in negative.frames], 1),
+                            data.shot_text(other, negative.shot).expand(len(negative.frames), -1, -1),
+                            torch.zeros(len(negative.frames), dtype=torch.long))
+            context = insert_shot(context, extra, negative.place)
+            if self.limit is not None and context.frames > self.limit:
+                keep = slice(context.frames - self.limit, None)
+                context = Context(context.latents[:, keep], context.texts[keep], context.shots[keep])
+        context = context or Context.empty_like(latents, text)
         return {"latents": latents, "text": text, "context": context, "target_shot": torch.tensor(target),
                 "record": rec["id"]}
 

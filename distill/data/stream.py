@@ -95,6 +95,8 @@ class DataStream:
 
     def _epoch(self) -> list[list[int]]:
         if self._batches is None:
+            if hasattr(self.dataset, "set_epoch"):  # per-epoch draws of the dataset (negative context)
+                self.dataset.set_epoch(self.epoch)
             self._batches = epoch_batches(self.dataset, self.batch_size, self.seed, self.epoch,
                                           self.rank, self.world, self.shuffle)
         return self._batches

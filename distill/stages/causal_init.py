@@ -68,9 +68,9 @@ class CausalInitStage:
 
     folder = "causal-init"
     produces = "student"
-    reads = keys.TRAINING + keys.STUDENT_FOLDER + ("optim.student", "causal_init", "student", "data.context",
-                                                   "model.attention")
-    sources = {"causal_init.pairs_from": ("student.denoising_steps", "student.shift", "data.context")}
+    reads = keys.TRAINING + keys.STUDENT_FOLDER + ("optim.student", "causal_init", "student", "model.attention"
+                                                   ) + keys.CONTEXT_RULE
+    sources = {"causal_init.pairs_from": ("student.denoising_steps", "student.shift") + keys.CONTEXT_RULE}
 
     @staticmethod
     def check(cfg: DictConfig) -> None:

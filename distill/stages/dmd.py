@@ -16,7 +16,12 @@ broadcast; the rollout runs with gradient only on generator steps.
   With `lora.rank` > 0 only peft LoRA adapters of the generator and critic train.
 
 The real score and critic see the generator's context, or with `dmd.score_context: ground_truth`
-the record's ground-truth history (dmd_inter). The final generator (its EMA when `dmd.ema_decay` >
+the record's ground-truth history (dmd_inter). With `data.context.noise.shot` the critic's own
+flow-matching loss sees that context noised, each frame at its drawn timestep (FilmWeaver's
+asymmetric noise, distill/context_noise.py); as a score in the generator's loss it sees the clean
+context the real score sees, so that the two scores compare like for like. With
+`data.context.negative.p` dmd_intra's ground-truth histories may hold an irrelevant shot of
+another record (distill/data/negatives.py). The final generator (its EMA when `dmd.ema_decay` >
 0) is saved as a student folder in `<stage>/student/` with LoRA merged. Before and after training the student's
 multi-shot rollouts (and the teacher's, once) are scored for identity colour consistency.
 """
@@ -29,6 +34,7 @@ import torch
 from omegaconf import DictConfig
 
 from distill import keys, layout
+from distill.context_noise import check_range, noise_context
 from distill.data.components import build_codec, negative_text, prepared_dir, prompt_stream, shot_stream
 from distill.data.datasets import PreparedData, PromptDataset
 from distill.dmd import critic_loss, draw_timesteps, generator_loss
@@ -72,7 +78,7 @@ class DMDStage:
     reads = keys.TRAINING + keys.STUDENT_FOLDER + ("optim.generator", "optim.critic", "dmd", "lora", "sampler",
                                                    "data.prepared", "data.context", "model.attention")
     # the generator starts from a finished student folder: what that was built with is what this stage runs with
-    sources = {"dmd.generator_from": ("student", "data.context")}
+    sources = {"dmd.generator_from": ("student",) + keys.CONTEXT_RULE}
     inter = False
 
     @staticmethod
@@ -89,6 +95,9 @@ class DMDStage:
             raise ValueError(f"dmd.ema_decay must be in [0, 1), got {d.ema_decay}")
         if cfg.lora.rank < 0:
             raise ValueError(f"lora.rank must be >= 0, got {cfg.lora.rank}")
+        check_range(cfg.data.context.noise.shot, "data.context.noise.shot")
+        from distill.data.negatives import check_negative
+        check_negative(cfg.data.context.negative.p, cfg.data.context.negative.frames)
 
     def __init__(self, cfg: DictConfig, ctx) -> None:
         self.cfg, self.ctx, self.env = cfg, ctx, ctx.env
@@ -146,7 +155,7 @@ class DMDStage:
         self.exit_steps: list[int] = []
         scores = self.evaluate(generator.student.to(env.device), "before", teacher=True)
         data = prompt_stream(cfg, env.rank, env.world_size, cfg.dmd.shots) if self.inter \
-            else shot_stream(cfg, env.rank, env.world_size)
+            else shot_stream(cfg, env.rank, env.world_size, limit=generator.student.settings.context_frames)
         self.ema = EMA(generator, cfg.dmd.ema_decay, cfg.dmd.ema_start)
         # the generator's DMD surrogate starts at ~0 (fake score = real score) and grows by orders of
         # magnitude by design: only the critic's losses and grad norms are judged for spikes
@@ -245,13 +254,21 @@ class DMDStage:
                                    uncond, dmd.guidance)
                 gen_losses.append(g.loss)
                 norms.append(g.grad_norm)
-            critic_losses.append(critic_loss(fake, shot.x, timesteps(text.shape[0]), torch.randn_like(shot.x)))
+            critic_losses.append(critic_loss(self._critic_score(critic, context, text), shot.x,
+                                             timesteps(text.shape[0]), torch.randn_like(shot.x)))
         out = {"critic": torch.stack(critic_losses).mean(), "exit_step": torch.tensor(float(exit_step))}
         if gen_losses:
             out["generator"] = torch.stack(gen_losses).mean()
             out["dmd_grad_norm"] = torch.stack(norms).mean()
         self._media(step, exit_step, shots)
         return out
+
+    def _critic_score(self, critic, context: Context | None, text: torch.Tensor):
+        """The critic as its own flow-matching loss sees it: the context noised per
+        `data.context.noise.shot` (unchanged when off)."""
+        noisy = noise_context(context, self.cfg.data.context.noise.shot)
+        cond, _ = denoisers(critic, noisy, self.cfg.sampler.negative_scope)
+        return lambda x_t, t: cond(x_t.to(self.dtype), t, text)
 
     def _media(self, step: int, exit_step: int, shots) -> None:
         """Exit-step histogram every logging window; a GIF of the first row every dmd.sample_every."""
@@ -281,3 +298,5 @@ class DMDInterStage(DMDStage):
 
     folder = "dmd-inter"
     inter = True
+    # caption-only prompts: no ground-truth history to mix negatives into
+    reads = tuple(r for r in DMDStage.reads if r != "data.context") + keys.CONTEXT_RULE + ("data.context.noise",)

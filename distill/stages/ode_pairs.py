@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 
 from distill.data.components import negative_text, prepared_dir
 from distill.data.datasets import ShotDataset
-from distill import layout
+from distill import keys, layout
 from distill.data.shards import INDEX, read_json, shard_name, shard_problem, write_json, write_shard
 from distill.models import check_student_keys, student_timesteps
 from distill.seeds import derive_seed
@@ -89,8 +89,8 @@ class OdePairsStage:
 
     folder = "ode-pairs"
     produces = "ode_pairs"
-    reads = ("deepspeed", "data.prepared", "data.context", "codec", "text_encoder", "sampler.negative_prompt",
-             "sampler.negative_scope", "ode", "student", "model.attention")
+    reads = ("deepspeed", "data.prepared", "codec", "text_encoder", "sampler.negative_prompt",
+             "sampler.negative_scope", "ode", "student", "model.attention") + keys.CONTEXT_RULE
 
     @staticmethod
     def check(cfg: DictConfig) -> None:

@@ -8,6 +8,9 @@ per sample: the samples of a batch share one sequence length, and a mixed batch 
 and attention masks the Wan blocks do not take); that is what lets samplers run without a history.
 With probability `teacher.text_dropout` a sample trains with every frame's text zeroed (the official
 release drops 10%), which trains the unconditional branch that CFG uses in ODE pairs and DMD.
+With `data.context.noise.shot` the context frames are noised, each at its own drawn timestep that the
+model sees (distill/context_noise.py); with `data.context.negative.p` some histories hold an
+irrelevant shot of another record (distill/data/negatives.py).
 
 Timesteps are stratified: sample i of step s falls in stratum (s·B + i) mod K of K equal-probability
 strata of u ∈ [0, 1), drawn uniformly inside it, then shifted by `teacher.timestep_shift`. Every
@@ -21,15 +24,14 @@ next shots are sampled with and without context and scored against the world's f
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from omegaconf import DictConfig
 
 from distill import keys, layout
+from distill.context_noise import check_range, noise_context
 from distill.data.components import shot_stream
 from distill.logging import log_final
-from distill.models import build_teacher
+from distill.models import build_teacher, save_teacher
 from distill.trainer import TrainedModel, Trainer
 from student.context import drop_text, kwargs_of
 from teacher.flow import NUM_TRAIN_TIMESTEPS, add_noise, shift_timestep, velocity_target
@@ -90,6 +92,7 @@ class TeacherStage:
             raise ValueError("teacher.timestep_shift and sampler.shift must be > 0")
         if t.loss_buckets < 1 or t.eval_samples < 0 or cfg.sampler.steps < 1:
             raise ValueError("teacher.loss_buckets and sampler.steps must be >= 1, teacher.eval_samples >= 0")
+        check_context_keys(cfg, t.injection, t.context_timestep)
 
     def __init__(self, cfg: DictConfig, ctx) -> None:
         self.cfg, self.ctx = cfg, ctx
@@ -125,10 +128,24 @@ class TeacherStage:
         use_context = context is not None and bool(torch.rand(()) >= self.cfg.teacher.context_dropout)
         context = context.to(device, dtype) if use_context else None
         text, context, dropped = drop_text(batch["text"].to(device, dtype), context, self.cfg.teacher.text_dropout)
+        context = noise_context(context, self.cfg.data.context.noise.shot)
         v = engine(x_t.to(dtype), t, text, **kwargs_of(context))
         per_sample = (v.float() - velocity_target(x0, noise)).pow(2).flatten(1).mean(1)
         return {"teacher": per_sample.mean(), "context_used": torch.tensor(float(use_context)),
                 "text_dropped": dropped.float().mean(), **self.timesteps.record(step, strata, per_sample)}
+
+
+def check_context_keys(cfg: DictConfig, injection: str, context_timestep: str) -> None:
+    """`data.context.noise` / `negative` keys, before any compute: noised frames carry their timestep as
+    context tokens, which only frame_concat with clean context at t = 0 has."""
+    from distill.data.negatives import check_negative
+
+    lo, hi = check_range(cfg.data.context.noise.shot, "data.context.noise.shot")
+    if hi > 0 and (injection != "frame_concat" or context_timestep != "zero"):
+        raise ValueError(f"data.context.noise.shot={[lo, hi]} needs teacher.injection=frame_concat and "
+                         f"teacher.context_timestep=zero (context tokens that carry their own timestep); got "
+                         f"{injection}, {context_timestep}")
+    check_negative(cfg.data.context.negative.p, cfg.data.context.negative.frames)
 
 
 def trainable_teacher(cfg: DictConfig) -> NextShotTeacher:
@@ -137,14 +154,3 @@ def trainable_teacher(cfg: DictConfig) -> NextShotTeacher:
     teacher.set_trainable()
     teacher.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
     return teacher
-
-
-def save_teacher(engine, folder: Path, env) -> None:
-    """Rank 0 writes the trained teacher as a diffusers folder (ZeRO-3 shards gathered first)."""
-    from distill.distributed import barrier
-    from distill.trainer import gathered
-
-    with gathered(engine):
-        if env.is_main:
-            engine.module.save_pretrained(folder)
-    barrier()
