@@ -102,6 +102,7 @@ class OptimSection:
     student: OptimConfig = section(OptimConfig, "optimizer of the student (causal init stage)")
     generator: OptimConfig = section(OptimConfig, "optimizer of the DMD generator (the student)")
     critic: OptimConfig = section(OptimConfig, "optimizer of the DMD critic (fake score)")
+    dpo: OptimConfig = section(OptimConfig, "optimizer of the teacher under preference alignment (dpo stage)")
 
 
 @dataclass
@@ -350,6 +351,20 @@ class LoraConfig:
                              "module names (suffixes) that get LoRA adapters: Wan attention projections")
 
 
+# --------------------------------------------------------------------------- preference alignment (distill/stages/dpo.py)
+
+
+@dataclass
+class DPOConfig:
+    teacher_from: str = key("teacher", "stage folder (listed in `needs:`) whose teacher is the policy's start "
+                            "and the frozen reference")
+    beta: float = key(500.0, "Diffusion-DPO beta on the per-sample mean squared velocity errors (distill/dpo.py)")
+    pairs: List[str] = key(["other_record", "wrong_shot"], "loser sources, one drawn per pair: other_record = a "
+                           "shot of another record, wrong_shot = another shot of the same record (a wrong "
+                           "transition); the winner is the true next shot")
+    timestep_shift: float = key(1.0, "shift applied to the uniform timesteps (winner and loser share t and noise)")
+
+
 # --------------------------------------------------------------------------- evaluation (distill/stages/eval.py)
 
 
@@ -411,6 +426,7 @@ class Recipe:
                                             "(distill/stages/causal_init.py)")
     dmd: DMDConfig = section(DMDConfig, "Self Forcing DMD, stages dmd_intra / dmd_inter (distill/stages/dmd.py)")
     lora: LoraConfig = section(LoraConfig, "LoRA adapters of the DMD generator and critic (dmd_inter)")
+    dpo: DPOConfig = section(DPOConfig, "Diffusion-DPO preference alignment of the teacher (distill/stages/dpo.py)")
     eval: EvalConfig = section(EvalConfig, "evaluation of the newest student export (distill/stages/eval.py)")
 
 

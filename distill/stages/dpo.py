@@ -1,0 +1,86 @@
+"""The `dpo` stage: Diffusion-DPO preference alignment of a trained next-shot teacher (STAGE §4.2).
+
+The policy starts as the teacher of the stage `dpo.teacher_from` and trains the parameters that teacher
+trained (`teacher.trainable`, saved with it); the frozen reference is the same teacher. Each micro-batch
+holds preference pairs (distill/data/preference.py): a history, its text, the true next shot (winner)
+and a mismatched shot (loser, from `dpo.pairs`). Winner and loser share t ~ U[0, 1000) (shifted by
+`dpo.timestep_shift`) and the noise ε, and the loss is distill/dpo.py's. Logged per step: the loss,
+the implicit reward margin and accuracy (`dpo/margin`, `dpo/accuracy`). The aligned teacher is saved
+to `<stage>/model/`, a teacher product: ODE pairs, causal init and DMD may name it (`*.teacher_from: dpo`).
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from distill import keys, layout
+from distill.data.components import prepared_dir
+from distill.data.preference import PreferenceDataset, check_sources
+from distill.data.stream import DataStream
+from distill.dpo import dpo_loss
+from distill.models import load_teacher, save_teacher
+from distill.trainer import TrainedModel, Trainer, place_frozen
+from student.context import Context, kwargs_of
+from teacher.flow import NUM_TRAIN_TIMESTEPS, shift_timestep
+
+
+def doubled(text: torch.Tensor, context: Context | None) -> tuple[torch.Tensor, Context | None]:
+    """The conditioning of B pairs for a batch of 2B (winners, then losers): each sample's twice."""
+    if context is None:
+        return torch.cat([text, text]), None
+    return torch.cat([text, text]), Context(torch.cat([context.latents] * 2), torch.cat([context.texts] * 2),
+                                            torch.cat([context.shots] * 2))
+
+
+class DPOStage:
+    """Recipe `stage: dpo`; metrics: the trainer's (loss, margin, accuracy of the last window)."""
+
+    folder = "dpo"
+    produces = "teacher"
+    reads = keys.TRAINING + ("optim.dpo", "dpo", "data.prepared", "model.attention") + keys.CONTEXT_RULE
+    # the pairs' histories follow the context rule the teacher was trained with
+    sources = {"dpo.teacher_from": keys.CONTEXT_RULE}
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """DPO keys omegaconf cannot range-check, before any compute."""
+        if cfg.dpo.beta <= 0 or cfg.dpo.timestep_shift <= 0:
+            raise ValueError(f"dpo.beta and dpo.timestep_shift must be > 0, got {cfg.dpo.beta}, "
+                             f"{cfg.dpo.timestep_shift}")
+        check_sources(cfg.dpo.pairs)
+
+    def __init__(self, cfg: DictConfig, ctx) -> None:
+        self.cfg, self.ctx = cfg, ctx
+
+    def run(self) -> dict[str, float]:
+        cfg, env = self.cfg, self.ctx.env
+        folder = self.ctx.input("dpo.teacher_from", cfg.dpo.teacher_from, "teacher")
+        policy = load_teacher(folder, cfg.model.attention).train()
+        policy.set_trainable()  # what the teacher trained (its saved `trainable`)
+        policy.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
+        self.reference = place_frozen(load_teacher(folder, cfg.model.attention), cfg, env)
+        pairs = PreferenceDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget,
+                                  cfg.dpo.pairs, cfg.run.seed)
+        data = DataStream(pairs, cfg.train.micro_batch, cfg.run.seed, env.rank, env.world_size)
+        self.trainer = Trainer(cfg, self.ctx, [TrainedModel("dpo", policy)], data, self.step)
+        metrics = self.trainer.fit()
+        save_teacher(self.trainer.engines["dpo"], layout.product(self.ctx.stage_dir, self.produces), env)
+        return metrics
+
+    def step(self, batch: dict, due: frozenset, step: int) -> dict[str, torch.Tensor]:
+        """The DPO loss of one micro-batch of pairs, its implicit margin and accuracy."""
+        engine, device = self.trainer.engines["dpo"], self.ctx.env.device
+        dtype = next(engine.module.parameters()).dtype
+        winner = batch["latents"].to(device, torch.float32)
+        loser = batch["loser"].to(device, torch.float32)
+        u = torch.rand(winner.shape[0], dtype=torch.float64) * NUM_TRAIN_TIMESTEPS
+        t = shift_timestep(u, self.cfg.dpo.timestep_shift).to(device, torch.float32)
+        noise = torch.randn_like(winner)
+        context = batch["context"].nonempty
+        text, context = doubled(batch["text"].to(device, dtype), context and context.to(device, dtype))
+        conditioning = kwargs_of(context)
+        policy = lambda x_t, tt: engine(x_t.to(dtype), tt, text, **conditioning)  # noqa: E731
+        reference = lambda x_t, tt: self.reference(x_t.to(dtype), tt, text, **conditioning)  # noqa: E731
+        out = dpo_loss(policy, reference, winner, loser, t, noise, self.cfg.dpo.beta)
+        return {"dpo": out.loss, "margin": out.margin, "accuracy": out.accuracy}
