@@ -14,6 +14,11 @@ Rows (`--rows`; the paper's row names in brackets):
   run's dmd-inter;
 - Table 3, context sampling: context-first [First Only], context-first-last [First & Last],
   dynamic [Dynamic (Ours)] = the default run.
+- Memory options of other papers (issue 19; opt-in: `--rows context-noise negative-context dpo dynamic`,
+  each against dynamic, the default run; no paper numbers beside them): context-noise [FilmWeaver
+  asymmetric noise] and negative-context [FilmWeaver negative sampling] retrain their pipelines;
+  dpo [STAGE preference alignment] starts from hard links of the default run's prepare/ and teacher/,
+  aligns the teacher (recipes/tiny/dpo.yaml) and distils from it.
 
 Runs: per seed s, run folders `<out-root>/seed-<s>/<run>` (so `shotdistill compare` lines up one
 seed's runs). Each is `shotdistill run <recipe> run.name=<run> run.out=... run.seed=<s> <overrides>`
@@ -107,6 +112,10 @@ RUNS = {
                            ("eval.stages=[]",)),
     "context-first": RunSpec("recipes/tiny/ablations/context-first.yaml"),
     "context-first-last": RunSpec("recipes/tiny/ablations/context-first-last.yaml"),
+    "context-noise": RunSpec("recipes/tiny/ablations/context-noise.yaml"),
+    "negative-context": RunSpec("recipes/tiny/ablations/negative-context.yaml"),
+    # the default teacher, aligned: its prepare and teacher are the default run's own
+    "dpo": RunSpec("recipes/tiny/ablations/dpo.yaml", "default", ("prepare", "teacher")),
 }
 
 
@@ -119,6 +128,7 @@ class Row:
     paper: str                         # the paper's row name (a key of PAPER)
     run: str
     stage: str = ""                    # "": the run's final student; else `<stage>/<metric>` of its eval
+    default: bool = True               # among the rows run when --rows is not given
 
 
 ROWS = (
@@ -131,6 +141,9 @@ ROWS = (
     Row("context-first", "Table 3", "First Only", "context-first"),
     Row("context-first-last", "Table 3", "First & Last", "context-first-last"),
     Row("dynamic", "Table 3", "Dynamic (Ours)", "default"),
+    Row("context-noise", "FilmWeaver", "Asymmetric Noise", "context-noise", default=False),
+    Row("negative-context", "FilmWeaver", "Negative Sampling", "negative-context", default=False),
+    Row("dpo", "STAGE", "Preference Alignment", "dpo", default=False),
 )
 
 # ShotStream (../shared/papers/shotstream.md), Table 4 "Ablation Study on the Causal Student Model
@@ -359,7 +372,7 @@ def results_table(rows: list[str], out_root: Path, seeds: list[int]) -> str:
         for m in METRICS:
             cells.append(spread(values[m], 1 if m == "fps" else 3))
             if m in BESIDE:
-                cells.append(f"{PAPER[row.paper][PAPER_COLUMNS.index(BESIDE[m])]:g}")
+                cells.append(f"{PAPER[row.paper][PAPER_COLUMNS.index(BESIDE[m])]:g}" if row.paper in PAPER else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -367,7 +380,7 @@ def results_table(rows: list[str], out_root: Path, seeds: list[int]) -> str:
 def paper_table(rows: list[str]) -> str:
     """The paper's rows for the chosen rows, every column, as printed in shotstream.md."""
     lines = ["| table | paper row | " + " | ".join(PAPER_COLUMNS) + " |", "|---" * (len(PAPER_COLUMNS) + 2) + "|"]
-    for row in (r for r in ROWS if r.key in rows):
+    for row in (r for r in ROWS if r.key in rows and r.paper in PAPER):
         lines.append(f"| {row.table} | {row.paper} | " + " | ".join(f"{v:g}" for v in PAPER[row.paper]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -406,7 +419,8 @@ def section(title: str, meta: dict, rows: list[str], out_root: Path, seeds: list
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", help="run.seed values (default 0 1 2; smoke: 0)")
-    parser.add_argument("--rows", nargs="+", choices=[r.key for r in ROWS], default=[r.key for r in ROWS])
+    parser.add_argument("--rows", nargs="+", choices=[r.key for r in ROWS], default=[r.key for r in ROWS if r.default],
+                        help="rows to run and tabulate (default: ShotStream's Tables 3 and 4)")
     parser.add_argument("--out-root", type=Path, help="parent of the seed folders (default runs/validity; "
                         "smoke: runs/validity-smoke)")
     parser.add_argument("--results", type=Path, help=f"results file (default {results.RESULTS.relative_to(REPO)}; "

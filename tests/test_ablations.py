@@ -77,5 +77,6 @@ def test_ablation_plans_in_its_own_run_and_changes_its_axis(path, default):
         assert str(OmegaConf.select(default[reader].cfg, key)) != value, f"{override} is the default: a no-op"
         changed.append(key)
     if not changed:  # a stage ablation: some stage of its tree is configured differently from the default's
-        differs = [n.folder for n in nodes if _settings(n, run=False) != _settings(default[n.folder], run=False)]
+        differs = [n.folder for n in nodes if n.folder not in default  # a stage the default has not (dpo)
+                   or _settings(n, run=False) != _settings(default[n.folder], run=False)]
         assert differs, f"{path.name} plans the default pipeline under another name"

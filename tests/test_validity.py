@@ -97,6 +97,22 @@ def test_the_runner_reuses_linked_stages_in_the_stage2_run_and_refuses_another_s
         plan(other.train[1], list(other.train[2:]))
 
 
+def test_memory_option_rows_are_opt_in_and_dpo_reuses_the_default_teacher(validity, tmp_path):
+    assert validity.parse([]).rows == ALL_ROWS  # the default rows stay ShotStream's tables
+    jobs = _jobs(validity, tmp_path, rows=["context-noise", "negative-context", "dpo", "dynamic"])
+    assert [j.run for j in jobs] == ["default", "context-noise", "negative-context", "dpo"]
+    dpo = jobs[-1]
+    assert dpo.source == jobs[0].folder and dpo.shares == ("prepare", "teacher")
+    _finish_default_upstream(jobs[0])
+    validity.link_stages(dpo.source, dpo.folder, dpo.shares)
+    planned = plan(dpo.train[1], list(dpo.train[2:]))  # the linked teacher's fingerprint matches
+    assert {n.folder for n in _stages(planned)} == {"prepare", "teacher", "dpo", "ode-pairs", "causal-init",
+                                                    "dmd-intra", "dmd-inter"}
+    table = validity.results_table(["context-noise", "dynamic"], tmp_path, [0])
+    assert "| FilmWeaver | context-noise (Asymmetric Noise) | context-noise | 0 |" in table
+    assert "Asymmetric Noise" not in validity.paper_table(["context-noise", "dynamic"])
+
+
 def _fake_run(folder: Path, done: dict[str, float], wall: float = 1.0) -> None:
     for stage in done:
         (folder / stage).mkdir(parents=True)
