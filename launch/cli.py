@@ -116,6 +116,26 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="launch.serve:generate")
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from serve.limits import Limits  # no torch: the defaults live with the limits they set
+
+    p = sub.add_parser("serve", help="serve an export: sessions stream their shots over WebSockets, with a web page")
+    p.add_argument("export", metavar="EXPORT_DIR", help="folder written by `shotdistill export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one)")
+    p.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda")
+    p.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), help="dtype of the transformer (default: the export's)")
+    p.add_argument("--max-sessions", type=int, default=Limits.max_sessions,
+                   help="sessions open at once; more get 503")
+    p.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout,
+                   help="seconds without requests, messages or chunks before a session is removed")
+    p.add_argument("--max-prompt-chars", type=int, default=Limits.max_prompt_chars,
+                   help="longest prompt or caption, in characters")
+    p.add_argument("--max-shots", type=int, default=Limits.max_shots,
+                   help="shots per session (their frames are kept for the mp4)")
+    p.set_defaults(handler="launch.serve:serve")
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="generate evaluation videos with an export (or a run's student) and score them")
     p.add_argument("source", metavar="EXPORT_OR_RUN", help="export folder, or run folder (its export/ or newest student)")
@@ -159,7 +179,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS = [_add_run, _add_launch, _add_slurm, _add_plan, _add_config, _add_data, _add_export, _add_generate,
-               _add_eval, _add_compare, _add_import]
+               _add_serve, _add_eval, _add_compare, _add_import]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Handlers of `shotdistill export` and `shotdistill generate`.
+"""Handlers of `shotdistill export`, `shotdistill generate` and `shotdistill serve`.
 
 `generate` takes the shots' prompts from `--shot` (repeatable), a `--shots` file (one per line) or,
 with `--interactive`, from stdin after each shot (an empty line or end of input stops). Every prompt
@@ -104,4 +104,25 @@ def generate(args: argparse.Namespace) -> int:
         if writer.frames == 0:
             raise ValueError("generate: no shots were given")
     print(f"wrote {out} ({writer.frames} frames)")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load an export once and serve it (serve/app.py) until interrupted."""
+    import uvicorn
+
+    from launch.cli import EXPORT_DTYPES
+    from serve.app import create_app
+    from serve.limits import Limits
+    from serve.sessions import load_models
+    from teacher.encoders import DTYPES
+
+    limits = Limits(args.max_sessions, args.idle_timeout, args.max_prompt_chars, args.max_shots).check()
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be 0..65535, got {args.port}")
+    quiet_loading()
+    models = load_models(args.export, device=args.device,
+                         dtype=DTYPES[EXPORT_DTYPES[args.dtype]] if args.dtype else None)
+    print(f"serving {args.export} on http://{args.host}:{args.port} (the page is at /)", file=sys.stderr)
+    uvicorn.run(create_app(models, limits), host=args.host, port=args.port, log_level="info")
     return 0

@@ -92,3 +92,56 @@ def make_wan_root(root: str | Path, text_dim: int = 32, max_tokens: int = 32, ba
 def folder_bytes(folder: str | Path) -> int:
     """Bytes of every file below `folder`."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+SERVE_WORDS = ("a red blue green circle square triangle turns left right moves wide close-up both meet stays "
+               "still").split()
+
+
+def make_tiny_export(root: str | Path, frames: int = 9, seed: int = 0) -> Path:
+    """A random student (chunk 3, local 2 chunks, global 4 frames) saved as a student folder with a
+    PatchCodec, a tiny T5 and 16x16 video at 8 fps, `frames` frames per shot (for the server tests)."""
+    from student.export import save_student
+    from student.model import CausalStudent
+    from teacher import NextShotTeacher
+    from teacher.encoders import build_tiny_t5
+
+    root = Path(root)
+    build_tiny_t5(SERVE_WORDS, dim=24, layers=1, heads=2, max_tokens=8, seed=seed).save_pretrained(root / "t5")
+    teacher = NextShotTeacher(make_tiny_wan(in_channels=12, out_channels=12, seed=seed))
+    student = CausalStudent.from_teacher(teacher, chunk_frames=3, local_chunks=2, context_frames=4)
+    components = {"codec": {"kind": "patch", "patch": 2},
+                  "text_encoder": {"kind": "umt5", "path": str(root / "t5"), "max_tokens": 8},
+                  "video": {"height": 16, "width": 16, "fps": 8, "frames": frames}}
+    return save_student(student, root / "export", components)
+
+
+class RunningServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 (a free port the OS picks) in a background thread:
+    `with RunningServer(app) as server: httpx.get(server.url + "/health")`."""
+
+    def __init__(self, app, startup_timeout: float = 60.0) -> None:
+        import threading
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+        self.startup_timeout = startup_timeout
+
+    def __enter__(self) -> "RunningServer":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url, self.ws_url = f"http://127.0.0.1:{self.port}", f"ws://127.0.0.1:{self.port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

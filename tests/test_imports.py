@@ -1,7 +1,7 @@
-"""Import direction: `launch → distill → student → teacher → kernels`, no cycles, and inside distill/
+"""Import direction: `launch → serve → distill → student → teacher → kernels`, no cycles, and inside distill/
 library modules never import the runner or the stages, and stages do not import each other.
 
-Every `.py` of the five packages is parsed with `ast`; every import counts, module-level or inside a
+Every `.py` of the six packages is parsed with `ast`; every import counts, module-level or inside a
 function (lazy), `import a.b`, `from a import b`, relative imports and `importlib.import_module("a.b")`
 with a literal name. An edge goes to the deepest module the statement names (`from a.b import c` is
 `a.b.c` when that is a module, else `a.b`).
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-ORDER = ("launch", "distill", "student", "teacher", "kernels")      # imports flow left to right
+ORDER = ("launch", "serve", "distill", "student", "teacher", "kernels")      # imports flow left to right
 STAGE_INFRA = {"distill.stages", "distill.stages.base"}              # the registry and the base class
 
 
