@@ -25,7 +25,7 @@ from launch.cli import main
 from serve.app import create_app
 from serve.frames import encode_jpeg
 from serve.limits import Limits
-from serve.sessions import load_models, new_generator
+from serve.sessions import SessionManager, load_models, new_generator
 from student.generator import Reference
 from student.video import write_mp4
 
@@ -375,6 +375,52 @@ def test_a_failing_session_fails_alone(models):
         assert len(failed["frames"]) == 3 and fine["frames"] == expected[0]
         assert asyncio.run(run(server, broken, "close-up both meet"))["shot"] == 0  # usable; nothing joined
         assert "shotdistill_session_errors_total 1.0" in http.get("/metrics").text
+
+
+def test_chunks_of_concurrent_shots_interleave(models):
+    """Two sessions' shots started together share the worker chunk by chunk: neither waits for the
+    other's whole shot."""
+    order = []
+
+    async def run():
+        manager = SessionManager(models, Limits())
+        try:
+            a, b = await manager.create(seed=1), await manager.create(seed=2)
+
+            def record(name):
+                async def on_chunk(chunk):
+                    order.append((name, chunk.first_frame))
+                return on_chunk
+
+            return await asyncio.gather(manager.run_shot(a, "wide a red circle", record("a")),
+                                        manager.run_shot(b, "close-up a blue square", record("b")))
+        finally:
+            manager.close()
+
+    assert asyncio.run(run()) == [FRAMES, FRAMES]
+    assert order == [("a", 0), ("b", 0), ("a", 3), ("b", 3), ("a", 6), ("b", 6)]
+
+
+def test_deleting_a_generating_session_frees_it(models):
+    async def run(server, http, session):
+        async with ws_connect(server, session) as ws:
+            await ws.send(json.dumps({"type": "shot", "prompt": "wide a red circle"}))
+            assert json.loads(await ws.recv())["type"] == "shot_start"
+            assert (await asyncio.to_thread(http.delete, f"/sessions/{session}")).status_code == 204
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await ws.recv()
+            return ws.close_code
+
+    with serving(models) as server, client(server) as http:
+        session = open_session(http)
+        manager = server.server.config.app.state.manager
+        generator = weakref.ref(manager.sessions[session].generator)
+        assert asyncio.run(run(server, http, session)) == 4404
+        wait_until(lambda: manager.worker.depth() == 0)
+        gc.collect()
+        assert generator() is None and http.get("/health").json() == {"status": "ok", "sessions": 0, "queue": 0}
+        open_session(http)  # still serving
 
 
 # ------------------------------------------------------------------------------ endpoints
