@@ -12,7 +12,9 @@ i.e. the policy is pushed to lower its error on the winner, relative to the refe
 the loser (STAGE's -log σ(β(D_θ - D_ref)) with D_k = err_k(l) - err_k(w)). With the policy equal to
 the reference the loss is log 2. The error is a per-sample mean, as in the public Diffusion-DPO code,
 so β is on its scale (it used β = 2000-5000 for Stable Diffusion). Logged: the implicit reward margin
--β(Δ_w - Δ_l) and the implicit accuracy, the fraction of pairs whose margin is positive (ties count 1/2).
+-β(Δ_w - Δ_l), the implicit accuracy, the fraction of pairs whose margin is positive (ties count 1/2),
+and Δ_w and Δ_l themselves: a margin bought by raising the loser's error (Δ_l > 0) while the winner's
+also rises (Δ_w > 0) is the known way DPO degrades a model, and shows there.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class DPOLoss:
     loss: torch.Tensor      # mean over pairs, with gradient through the policy
     margin: torch.Tensor    # mean implicit reward margin -β(Δ_w - Δ_l), detached
     accuracy: torch.Tensor  # fraction of pairs with a positive margin (ties 1/2), detached
+    winner_gap: torch.Tensor  # mean Δ_w = err_θ(w) - err_ref(w), detached
+    loser_gap: torch.Tensor   # mean Δ_l, detached
 
 
 def velocity_errors(score: Score, winner: torch.Tensor, loser: torch.Tensor, t: torch.Tensor,
@@ -56,7 +60,8 @@ def dpo_loss(policy: Score, reference: Score, winner: torch.Tensor, loser: torch
     err_w, err_l = velocity_errors(policy, winner, loser, t, noise)
     with torch.no_grad():
         ref_w, ref_l = velocity_errors(reference, winner, loser, t, noise)
-    inside = -beta * ((err_w - ref_w) - (err_l - ref_l))
+    gap_w, gap_l = err_w - ref_w, err_l - ref_l
+    inside = -beta * (gap_w - gap_l)
     margin = inside.detach()
     accuracy = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
-    return DPOLoss(F.softplus(-inside).mean(), margin.mean(), accuracy)
+    return DPOLoss(F.softplus(-inside).mean(), margin.mean(), accuracy, gap_w.detach().mean(), gap_l.detach().mean())

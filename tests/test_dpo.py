@@ -38,6 +38,7 @@ def test_the_loss_equals_a_hand_computed_example():
     out = dpo_loss(policy, reference, winner, loser, t, noise, beta=2.0)
     assert out.loss.item() == pytest.approx(math.log1p(math.exp(-2.0)))  # -log σ(-2 · -1)
     assert out.margin.item() == pytest.approx(2.0) and out.accuracy.item() == 1.0
+    assert (out.winner_gap.item(), out.loser_gap.item()) == (pytest.approx(-0.5), pytest.approx(0.5))
     swapped = dpo_loss(policy, reference, loser, winner, t, noise, beta=2.0)
     assert swapped.loss.item() == pytest.approx(math.log1p(math.exp(2.0))) and swapped.accuracy.item() == 0.0
 

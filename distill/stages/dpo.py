@@ -5,8 +5,10 @@ trained (`teacher.trainable`, saved with it); the frozen reference is the same t
 holds preference pairs (distill/data/preference.py): a history, its text, the true next shot (winner)
 and a mismatched shot (loser, from `dpo.pairs`). Winner and loser share t ~ U[0, 1000) (shifted by
 `dpo.timestep_shift`) and the noise ε, and the loss is distill/dpo.py's. Logged per step: the loss,
-the implicit reward margin and accuracy (`dpo/margin`, `dpo/accuracy`). The aligned teacher is saved
-to `<stage>/model/`, a teacher product: ODE pairs, causal init and DMD may name it (`*.teacher_from: dpo`).
+the implicit reward margin and accuracy (`dpo/margin`, `dpo/accuracy`) and the policy's error minus
+the reference's on winners and losers (`dpo/winner_gap`, `dpo/loser_gap`). The aligned teacher is
+saved to `<stage>/model/`, a teacher product: ODE pairs, causal init and DMD may name it
+(`*.teacher_from: dpo`).
 """
 
 from __future__ import annotations
@@ -83,4 +85,5 @@ class DPOStage:
         policy = lambda x_t, tt: engine(x_t.to(dtype), tt, text, **conditioning)  # noqa: E731
         reference = lambda x_t, tt: self.reference(x_t.to(dtype), tt, text, **conditioning)  # noqa: E731
         out = dpo_loss(policy, reference, winner, loser, t, noise, self.cfg.dpo.beta)
-        return {"dpo": out.loss, "margin": out.margin, "accuracy": out.accuracy}
+        return {"dpo": out.loss, "margin": out.margin, "accuracy": out.accuracy, "winner_gap": out.winner_gap,
+                "loser_gap": out.loser_gap}
