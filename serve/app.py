@@ -148,7 +148,8 @@ def create_app(models: Models, limits: Limits = Limits()) -> FastAPI:
 
     @app.post("/sessions", status_code=201)
     async def open_session(body: SessionBody) -> dict:
-        session = await manager.create(body.global_prompt, body.seed, references_of(body, models))
+        references = await run_in_threadpool(references_of, body, models)  # image decoding: off the event loop
+        session = await manager.create(body.global_prompt, body.seed, references)
         video = models.video
         return {"session": session.id, "video": {"height": video.height, "width": video.width, "fps": video.fps,
                                                  "frames": video.frames}, "limits": manager.limits.as_json()}

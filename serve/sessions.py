@@ -240,7 +240,9 @@ class SessionManager:
         if len(session.shots) >= self.limits.max_shots:
             raise ClientError(422, "type", f"this session has its {self.limits.max_shots} shots (--max-shots); "
                               "open a new session")
-        if not isinstance(prompt, str) or not prompt.strip():
+        if prompt is not None and not isinstance(prompt, str):
+            raise ClientError(422, "prompt", f"must be a string, got {type(prompt).__name__}")
+        if not prompt or not prompt.strip():
             raise ClientError(422, "prompt", "shot prompt is empty: every shot needs a description")
         self.check_text("prompt", prompt)
         return prompt.strip()

@@ -204,6 +204,7 @@ def test_bad_messages_get_errors_and_the_socket_stays_open(models):
             errors = [await error_for(ws, b"\x00\x01"), await error_for(ws, "{not json"),
                       await error_for(ws, "[1, 2]"), await error_for(ws, json.dumps({"type": "play"})),
                       await error_for(ws, json.dumps({"type": "shot"})),
+                      await error_for(ws, json.dumps({"type": "shot", "prompt": ["a"]})),
                       await error_for(ws, json.dumps({"type": "shot", "prompt": "  "})),
                       await error_for(ws, json.dumps({"type": "shot", "prompt": "x" * 41}))]
             # a second shot while the first generates is refused; the first completes
@@ -223,6 +224,7 @@ def test_bad_messages_get_errors_and_the_socket_stays_open(models):
             ("message", "expected a JSON object, got list"),
             ("type", "unknown message type 'play'; the only type is 'shot'"),
             ("prompt", "shot prompt is empty: every shot needs a description"),
+            ("prompt", "must be a string, got list"),
             ("prompt", "shot prompt is empty: every shot needs a description"),
             ("prompt", "41 characters; the limit is 40 (--max-prompt-chars)")]
         assert (busy["field"], busy["message"]) == ("type", "a shot is already generating; send the next one "
