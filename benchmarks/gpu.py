@@ -8,7 +8,8 @@ Parts (each also runs alone with `--parts`):
   dense SDPA (benchmarks/attention.py); prints the `MEASURED` dict for kernels/dispatch.py's rule;
 - streaming: 832x480, 81-frame shots, 4 steps, a Wan2.1-1.3B-shaped random student with the real
   AutoencoderKLWan architecture decoding (random weights): frames per second and time to first
-  frame, eager vs compiled, VAE decode included and alone, peak memory;
+  frame for each `compile` mode of StreamingGenerator (none, regions, compile, cudagraph: see
+  student/compiled.py), compile + warm-up time, VAE decode included and alone, peak memory;
 - training: one teacher step and one DMD step (generator, real score, critic) at the 1.3B shape,
   21 target latent frames + 6 context frames, micro-batch 1, gradient checkpointing, through our
   trainer (benchmarks/steps.py): tokens/s, model FLOP utilisation, peak memory.
@@ -189,22 +190,10 @@ def as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def compile_regions(student, backend: str) -> int:
-    """Compile each block's FFN and norms (torch.compile, regional): modules of one class share one
-    compiled graph. The whole block is not compiled: the backbone indexes its blocks and caches by
-    layer number, which a compiled block would specialise on, recompiling for every layer and pass."""
-    count = 0
-    for block in student.transformer.blocks:
-        for module in (block.ffn, block.norm1, block.norm2, block.norm3, block.attn1.norm_q, block.attn1.norm_k,
-                       block.attn2.norm_q):
-            module.compile(backend=backend, dynamic=False)
-            count += 1
-    return count
-
-
 def time_shots(gen, shots: int) -> dict:
     """Shots of the generator's default length after one untimed warm-up shot; each timed shot has
-    history (global cache from the earlier shots). Decode time is measured around the VAE calls."""
+    history (global cache from the earlier shots). Decode time is measured around the VAE calls,
+    except under cudagraph, where the decode overlaps denoising and synchronising would serialise it."""
     decode = []
     inner = gen._decode
 
@@ -213,7 +202,8 @@ def time_shots(gen, shots: int) -> dict:
         out = inner(*args)
         decode.append(_now() - t0)
         return out
-    gen._decode = timed_decode
+    if gen.side is None:
+        gen._decode = timed_decode
     gen.reset()
     t0 = _now()
     first = None
@@ -235,24 +225,41 @@ def time_shots(gen, shots: int) -> dict:
     gen._decode = inner
     med = {key: statistics.median(r[key] for r in rows) for key in ("shot_s", "ttff_s", "decode_s")}
     frames = rows[0]["frames"]
+    decode = med["decode_s"] if gen.side is None else None
     return {"warmup": warm, "shots": rows, "frames": frames, "fps": frames / med["shot_s"],
-            "ttff_s": med["ttff_s"], "fps_without_decode": frames / (med["shot_s"] - med["decode_s"]),
-            "decode_s": med["decode_s"], "decode_fps": frames / med["decode_s"], "peak_bytes": _peak()}
+            "ttff_s": med["ttff_s"], "fps_without_decode": decode and frames / (med["shot_s"] - decode),
+            "decode_s": decode, "decode_fps": decode and frames / decode, "peak_bytes": _peak(),
+            # the warm-up shot compiles (and captures); a timed shot does the same work without that
+            "compile_and_warmup_s": warm["shot_s"] - med["shot_s"]}
+
+
+def streaming_modes(smoke: bool) -> tuple[str, ...]:
+    """Every compile mode that runs here: all on CUDA; the CPU smoke run skips cudagraph."""
+    from student.compiled import MODES
+
+    return tuple(m for m in MODES if m != "cudagraph" or not smoke)
 
 
 def streaming_part(smoke: bool) -> dict:
-    gen = build_generator(smoke)
-    out = {"frames_per_shot": gen.video.frames, "size": f"{gen.video.width}x{gen.video.height}",
-           "steps": len(gen.student.settings.denoising_steps), "eager": time_shots(gen, 1 if smoke else 2)}
-    backend = "eager" if smoke else "inductor"  # smoke: dynamo traces, no code generation
-    t0 = time.perf_counter()
-    regions = compile_regions(gen.student, backend)
-    compiled = time_shots(gen, 1 if smoke else 2)
-    compiled["compile_and_warmup_s"] = time.perf_counter() - t0 - sum(r["shot_s"] for r in compiled["shots"])
-    out["compiled"] = {**compiled, "backend": backend, "regions": regions}
-    del gen
-    _free()
+    """Each compile mode on its own copy of one random student (regions compiles in place), one after
+    the other; a mode's graphs are compiled during its warm-up shot."""
+    import copy
+
+    from student import compiled
+    from student.generator import StreamingGenerator
+
+    compiled.BACKEND = "eager" if smoke else "inductor"  # smoke: dynamo traces every graph, no code generation
+    base = build_generator(smoke)
+    out = {"frames_per_shot": base.video.frames, "size": f"{base.video.width}x{base.video.height}",
+           "steps": len(base.student.settings.denoising_steps), "backend": compiled.BACKEND, "modes": {}}
+    for mode in streaming_modes(smoke):
+        gen = StreamingGenerator(copy.deepcopy(base.student), base.codec, base.text_encoder, base.video,
+                                 global_prompt=base.global_prompt, seed=base.seed, compile=mode)
+        out["modes"][mode] = time_shots(gen, 1 if smoke else 2)
+        del gen
+        _free()
     torch._dynamo.reset()
+    compiled.BACKEND = "inductor"
     return out
 
 
@@ -344,15 +351,16 @@ def format_section(data: dict) -> str:
     if "streaming" in data:
         s = data["streaming"]
         lines += [f"### Streaming ({s['size']}, {s['frames_per_shot']}-frame shots, {s['steps']} steps, shots with "
-                  "history; VAE decode per chunk)", "",
-                  "| mode | FPS | time to first frame | FPS without decode | VAE decode alone | peak memory |",
-                  "|---|---|---|---|---|---|"]
-        for mode in ("eager", "compiled"):
-            r = s[mode]
-            extra = f" ({r['backend']}, {r['regions']} regions; compile + warm-up {r['compile_and_warmup_s']:.0f} s)" \
-                if mode == "compiled" else ""
-            lines.append(f"| {mode}{extra} | {r['fps']:.2f} | {r['ttff_s']:.3f} s | {r['fps_without_decode']:.2f} | "
-                         f"{r['decode_s']:.2f} s/shot = {r['decode_fps']:.1f} FPS | {_gib(r['peak_bytes'])} |")
+                  f"history; VAE decode per chunk; `compile` modes of StreamingGenerator, torch.compile backend "
+                  f"{s['backend']})", "",
+                  "| compile | FPS | time to first frame | FPS without decode | VAE decode alone | compile + warm-up | "
+                  "peak memory |", "|---|---|---|---|---|---|---|"]
+        for mode, r in s["modes"].items():
+            no_decode = "n/a (overlapped)" if r["decode_s"] is None else f"{r['fps_without_decode']:.2f}"
+            decode = "n/a (overlapped)" if r["decode_s"] is None else \
+                f"{r['decode_s']:.2f} s/shot = {r['decode_fps']:.1f} FPS"
+            lines.append(f"| {mode} | {r['fps']:.2f} | {r['ttff_s']:.3f} s | {no_decode} | {decode} | "
+                         f"{r['compile_and_warmup_s']:.0f} s | {_gib(r['peak_bytes'])} |")
         lines.append("")
     if "training" in data:
         lines += ["### Training steps (micro-batch 1, gradient checkpointing; our trainer, DeepSpeed ZeRO-2, bf16)", "",

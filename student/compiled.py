@@ -31,6 +31,9 @@ from student.model import CausalStudent
 from teacher.backbone import TextKV
 
 MODES = ("none", "regions", "compile", "cudagraph")
+# torch.compile backend of every mode, read when a stream is built; benchmarks/gpu.py --smoke sets "eager"
+# (dynamo traces every graph and checks its guards, but generates no code)
+BACKEND = "inductor"
 
 
 def check_mode(mode: str, device: torch.device | str) -> str:
@@ -43,17 +46,18 @@ def check_mode(mode: str, device: torch.device | str) -> str:
     return mode
 
 
-def compile_regions(student: CausalStudent, backend: str = "inductor") -> int:
+def compile_regions(student: CausalStudent, backend: str | None = None) -> int:
     """Compile each block's FFN and norms in place (once per student); returns how many modules.
     Whole blocks are not compiled: the backbone passes the layer number and the cache by argument,
     which a compiled block would specialise on, recompiling for every layer."""
+    backend = backend or BACKEND
     if getattr(student, "_compiled_regions", None) == backend:
         return 0
     count = 0
     for block in student.transformer.blocks:
         for module in (block.ffn, block.norm1, block.norm2, block.norm3, block.attn1.norm_q, block.attn1.norm_k,
                        block.attn2.norm_q):
-            module.compile(backend=backend, dynamic=False)
+            module.compile(backend=backend)  # shapes that change (the context pass) turn dynamic after one recompile
             count += 1
     student._compiled_regions = backend
     return count
@@ -82,12 +86,13 @@ def fixed_chunk_pass(student: CausalStudent, x: torch.Tensor, timesteps: torch.T
 _COMPILED = {}
 
 
-def compiled_chunk_pass():
-    """`fixed_chunk_pass` under torch.compile, one per process: generators that share a student (a
-    server's sessions) share its graphs."""
-    if "pass" not in _COMPILED:
-        _COMPILED["pass"] = torch.compile(fixed_chunk_pass, fullgraph=True, dynamic=False)
-    return _COMPILED["pass"]
+def compiled_chunk_pass(backend: str | None = None):
+    """`fixed_chunk_pass` under torch.compile, one per backend and process: generators share its graphs
+    (dynamo's guards hold for every student of the same architecture, dtype and device)."""
+    backend = backend or BACKEND
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(fixed_chunk_pass, backend=backend, fullgraph=True, dynamic=False)
+    return _COMPILED[backend]
 
 
 class FixedChunkPasses:

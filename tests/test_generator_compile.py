@@ -67,7 +67,7 @@ def test_fixed_shape_pass_equals_sliced_pass(tmp_path, monkeypatch, indicator):
     """The fixed-shape pass run eagerly (no compiler): whole-buffer masked attention and index writes give
     the sliced pass's numbers, through the ring's wrap-around (4-chunk shots, 3 slots), context growth and
     the learnable indicator's marked first chunk."""
-    monkeypatch.setitem(compiled._COMPILED, "pass", compiled.fixed_chunk_pass)
+    monkeypatch.setitem(compiled._COMPILED, compiled.BACKEND, compiled.fixed_chunk_pass)
     folder = _export(tmp_path, indicator)
     eager = _story(StreamingGenerator.from_export(folder, global_prompt="a red circle", seed=3), [2, 4, 1, 4])
     gen = StreamingGenerator.from_export(folder, global_prompt="a red circle", seed=3, compile="compile")

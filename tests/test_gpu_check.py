@@ -1,5 +1,5 @@
 """Protects benchmarks/gpu.py: `--smoke` runs every part (kernel, attention, streaming, training) at tiny
-shapes on the CPU, so the one prepared GPU command never rots between GPU sessions (~10-20 s on 2 cores)."""
+shapes on the CPU, so the one prepared GPU command never rots between GPU sessions (~35 s on 2 shared cores)."""
 
 import importlib.util
 import json
@@ -32,8 +32,8 @@ def test_smoke_runs_every_part(tmp_path, monkeypatch, one_thread):
     assert names.count("triton (ours)") == 2 and names.count("flex_attention") == 2  # training and decoding
     timed = [r for rows in data["attention"]["tables"].values() for r in rows if "max_diff" in r]
     assert len(timed) >= 6 and all(r["max_diff"] < 1e-4 for r in timed)  # every contender agrees with ours (fp32)
-    for mode in ("eager", "compiled"):
-        s = data["streaming"][mode]
+    assert list(data["streaming"]["modes"]) == ["none", "regions", "compile"]  # cudagraph needs CUDA
+    for s in data["streaming"]["modes"].values():
         assert s["fps"] > 0 and s["ttff_s"] > 0 and 0 < s["decode_s"] < s["shots"][0]["shot_s"]
     rows = {**data["training"]["teacher"]["rows"], **data["training"]["dmd-intra"]["rows"]}
     assert set(rows) == {"step", "generator+critic step", "critic step"}
