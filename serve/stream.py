@@ -96,7 +96,7 @@ def _log_failure(task: asyncio.Task) -> None:
     if task.cancelled() or task.exception() is None:
         return
     error = task.exception()
-    if not isinstance(error, (WebSocketDisconnect, ConnectionError)) and "close message" not in str(error):
+    if not isinstance(error, WebSocketDisconnect):  # Starlette raises it for a send to a closed socket
         log.error("shot task failed: %s", error, exc_info=error)
 
 
