@@ -499,3 +499,37 @@ def test_cli_fails_in_one_line_on_a_bad_export(export, tmp_path, capsys):
     assert err.startswith(f"shotdistill: error: {broken / 'generator.json'}: invalid JSON") and err.count("\n") == 1
     assert main(["serve", str(export), "--max-sessions", "0"]) == 1
     assert capsys.readouterr().err == "shotdistill: error: --max-sessions must be positive, got 0\n"
+
+
+@pytest.mark.slow
+def test_cli_serves_until_interrupted(export, tmp_path):
+    """`shotdistill serve EXPORT --port 0` in its own process: uvicorn names the port, /health and a
+    session answer, and Ctrl-C (SIGINT) ends it with exit status 0."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    process = subprocess.Popen([sys.executable, "-m", "launch.cli", "serve", str(export), "--port", "0",
+                                "--max-sessions", "1"], cwd=tmp_path, env=subprocess_env(),
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in process.stderr:  # uvicorn logs the bound address once it listens
+            lines.append(line)
+            if match := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line):
+                break
+        else:
+            pytest.fail("the server exited before listening:\n" + "".join(lines))
+        with httpx.Client(base_url=match.group(1), trust_env=False, timeout=60) as http:
+            assert http.get("/health").json() == {"status": "ok", "sessions": 0, "queue": 0}
+            assert http.post("/sessions", json={}).status_code == 201
+            assert http.post("/sessions", json={}).status_code == 503
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
