@@ -134,10 +134,18 @@ def test_a_person_directs_a_two_shot_story(page, server, models, tmp_path):
 
     # A new story replaces this one: the strip empties and the old session is deleted on the server.
     old = response.json()["session"]
-    assert start_story(page, server, GLOBAL).status == 201
+    second = start_story(page, server, GLOBAL)
+    assert second.status == 201
     page.wait_for_selector("#next-shot:enabled")
     assert page.query_selector_all("#strip .shot") == []
     assert httpx.get(f"{server.url}/sessions/{old}", trust_env=False).status_code == 404
+
+    # The server ending the session (here a DELETE; an idle timeout alike) closes the socket with 4404.
+    assert httpx.delete(f"{server.url}/sessions/{second.json()['session']}", trust_env=False).status_code == 204
+    page.wait_for_selector("#status.error")
+    assert page.text_content("#status") == ("the server ended this story: session ended (deleted or idle); "
+                                            "start a new story.")
+    assert page.is_disabled("#next-shot")
 
 
 def test_an_http_error_names_its_field(page, server):
