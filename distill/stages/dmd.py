@@ -37,6 +37,7 @@ from distill import keys, layout
 from distill.context_noise import check_range, noise_context
 from distill.data.components import build_codec, negative_text, prepared_dir, prompt_stream, shot_stream
 from distill.data.datasets import PreparedData, PromptDataset
+from distill.data.negatives import check_negative
 from distill.dmd import critic_loss, draw_timesteps, generator_loss
 from distill.ema import EMA
 from distill.logging import log_final
@@ -96,7 +97,6 @@ class DMDStage:
         if cfg.lora.rank < 0:
             raise ValueError(f"lora.rank must be >= 0, got {cfg.lora.rank}")
         check_range(cfg.data.context.noise.shot, "data.context.noise.shot")
-        from distill.data.negatives import check_negative
         check_negative(cfg.data.context.negative.p, cfg.data.context.negative.frames)
 
     def __init__(self, cfg: DictConfig, ctx) -> None:

@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from distill import keys, layout
 from distill.context_noise import check_range, noise_context
 from distill.data.components import shot_stream
+from distill.data.negatives import check_negative
 from distill.logging import log_final
 from distill.models import build_teacher, save_teacher
 from distill.trainer import TrainedModel, Trainer
@@ -138,8 +139,6 @@ class TeacherStage:
 def check_context_keys(cfg: DictConfig, injection: str, context_timestep: str) -> None:
     """`data.context.noise` / `negative` keys, before any compute: noised frames carry their timestep as
     context tokens, which only frame_concat with clean context at t = 0 has."""
-    from distill.data.negatives import check_negative
-
     lo, hi = check_range(cfg.data.context.noise.shot, "data.context.noise.shot")
     if hi > 0 and (injection != "frame_concat" or context_timestep != "zero"):
         raise ValueError(f"data.context.noise.shot={[lo, hi]} needs teacher.injection=frame_concat and "
