@@ -155,3 +155,37 @@ def test_an_http_error_names_its_field(page, server):
     page.wait_for_selector("#status.error")
     assert page.text_content("#status") == f"start: {error['field']}: {error['message']}"
     assert error["field"] == "global_prompt" and page.is_disabled("#next-shot")
+
+
+def test_a_failed_shot_holds_the_queue_until_it_is_sent_again(page, server, models):
+    response = start_story(page, server, GLOBAL)
+    page.wait_for_selector("#next-shot:enabled")
+    # The model fails in the first shot's second chunk (as in test_serve.py's failure test), once.
+    stream = server.server.config.app.state.manager.sessions[response.json()["session"]].generator.stream
+    calls, real = [], stream.next_chunk
+
+    def fail_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated device failure")
+        return real(*args)
+
+    stream.next_chunk = fail_second
+    page.evaluate("""(shots) => {
+        const prompt = document.querySelector("#shot-prompt"), next = document.querySelector("#next-shot");
+        prompt.value = shots[0]; next.click();
+        prompt.value = shots[1]; next.click(); }""", SHOTS)
+    page.wait_for_selector("#status.error")
+    assert page.text_content("#status") == "shot: shot 0 failed in the model: simulated device failure"
+    failed = page.query_selector("#strip .shot.failed")
+    # one chunk arrived (PatchCodec: a chunk's latent frames are its video frames)
+    assert int(failed.get_attribute("data-frames")) == models.student.settings.chunk_frames
+    assert failed.get_attribute("data-shot") is None
+    assert page.input_value("#shot-prompt") == SHOTS[0]
+    assert page.text_content("#queue") == f"1 shot held until the refused shot is sent again: “{SHOTS[1]}”"
+
+    page.click("#next-shot")  # resend the failed shot; the held one follows it
+    page.wait_for_selector("#strip .shot[data-shot='1']:not(.running)")
+    kept = page.query_selector_all("#strip .shot:not(.failed)")
+    assert [s.query_selector(".caption").text_content() for s in kept] == [f"1. {SHOTS[0]}", f"2. {SHOTS[1]}"]
+    assert page.text_content("#queue") == "" and "error" not in page.get_attribute("#status", "class")
