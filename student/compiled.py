@@ -111,6 +111,8 @@ class FixedChunkPasses:
                  text: TextKV, marked: bool, out_frames: int) -> torch.Tensor | None:
         index, visible = self.cache.fixed_chunk_pass()
         marked = marked and self.student.shot_indicator is not None  # nothing to add: one graph fewer
+        # dense inputs: a CUDA graph's static copies then have the strides the graphs were compiled for
+        timesteps, phases = timesteps.contiguous(), phases.contiguous()
         args = (x, timesteps, positions, phases, text.keys, text.values, self.cache.buffer, index, visible)
         if self.mode == "compile":
             out = self.run(self.student, *args, marked, out_frames)
@@ -145,7 +147,8 @@ class _CapturedPass:
                 run(*static)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: a server thread using the GPU meanwhile does not invalidate this capture
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out = run(*static)
         self.text = keys
 
