@@ -13,8 +13,8 @@ shared machine's load falls on all of them alike. Per mode:
   shot's first). Medians over the rounds, and the minimum (the least disturbed on a shared CPU).
 - the largest frame difference against eager over one shared story (uint8 levels).
 
-Run: python benchmarks/compiled.py [--modes none,regions,compile] [--threads 1] [--json out.json]
-("cudagraph" joins the default modes on CUDA).
+Run: python benchmarks/compiled.py [--modes none,regions,compile] [--threads 1] [--inductor freezing=True]
+[--json out.json] ("cudagraph" joins the default modes on CUDA; --inductor sets torch._inductor.config keys).
 """
 
 from __future__ import annotations
@@ -134,12 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, default=3, help="shots per round (all but the first with history)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="a torch._inductor.config setting for this run, e.g. freezing=True or max_autotune=True")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of both recipes")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     modes = args.modes.split(",") if args.modes else [m for m in MODES if m != "cudagraph" or device.type == "cuda"]
     torch.set_num_threads(args.threads)
+    inductor = dict(setting.split("=", 1) for setting in args.inductor)
+    for key, value in inductor.items():
+        import torch._inductor.config as config
+
+        if not hasattr(config, key):
+            parser.error(f"--inductor {key}: torch._inductor.config has no such setting")
+        setattr(config, key, json.loads(value.lower()) if value.lower() in ("true", "false") else value)
     base, _, _ = streaming.build(args.teacher_recipe, args.student_recipe, args.overrides)
     gens = {}
     for mode in modes:
@@ -147,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         gens[mode] = StreamingGenerator(student, base.codec, base.text_encoder, base.video,
                                         global_prompt=base.global_prompt, seed=base.seed, compile=mode)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    command = "python benchmarks/compiled.py " + " ".join(argv or sys.argv[1:])
     result = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "load_before": load, "command": "python benchmarks/compiled.py " + " ".join(argv or sys.argv[1:]),
+              "inductor": inductor, "load_before": load, "command": command,
               "rounds": args.rounds, "shots": args.shots, "modes": run(gens, args.rounds, args.shots),
               "load_after": os.getloadavg() if hasattr(os, "getloadavg") else None}
     print(json.dumps(result, indent=2))
