@@ -117,3 +117,20 @@ def test_benchmark_reports_every_mode(tmp_path, monkeypatch):
         assert 0 < row["chunk_ms"]["min"] <= row["chunk_ms"]["median"]
         assert row["max_frame_diff"] <= (0 if mode != "compile" else 1)
     assert result["modes"]["compile"]["graphs"] == 2 and result["modes"]["none"]["graphs"] == 0
+
+
+def test_diffusers_pipeline_passes_the_mode_through(tmp_path, monkeypatch):
+    """ShotStreamPipeline's `stream(compile=)` and `__call__(compile=)` reach the generator (the fixed-shape
+    pass run without a compiler here; inductor is the test above)."""
+    from diffusers import DiffusionPipeline
+
+    from student.export import export_folder
+
+    monkeypatch.setitem(compiled._COMPILED, compiled.BACKEND, compiled.fixed_chunk_pass)
+    pipe = DiffusionPipeline.from_pretrained(str(export_folder(_export(tmp_path, "rope_offset"), tmp_path / "out")),
+                                             trust_remote_code=True)
+    assert pipe.stream(seed=3, compile="compile").stream.fixed is not None
+    with pytest.raises(ValueError, match="^compile must be one of"):
+        pipe(PROMPTS[:2], seed=3, compile="jit")
+    for eager, fast in zip(pipe(PROMPTS[:2], seed=3).frames, pipe(PROMPTS[:2], seed=3, compile="compile").frames):
+        assert eager.shape == fast.shape and (eager.int() - fast.int()).abs().max() <= 1
