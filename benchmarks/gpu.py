@@ -1,4 +1,4 @@
-"""One prepared GPU check: `python benchmarks/gpu.py` turns ~8 minutes of one H100/H200 into numbers.
+"""One prepared GPU check: `python benchmarks/gpu.py` turns ~10 minutes of one H100/H200 into numbers.
 
 Parts (each also runs alone with `--parts`):
 - kernel: the Triton kernel's bf16 forward and backward against the float64 reference
