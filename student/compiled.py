@@ -12,7 +12,9 @@
   indicator marks a shot's first chunk), however many chunks and shots are generated.
 - cudagraph (CUDA only): `compile`, and each of those graphs is captured as a CUDA graph on its
   first call and replayed after, so a pass costs a few input copies and one launch; the generator
-  also decodes chunk k on a side stream while chunk k+1 denoises (student/generator.py).
+  also decodes chunk k on a side stream while chunk k+1 denoises (student/generator.py). Graphs
+  are per generator (its cache buffer is their input), and each holds its pass's activations in a
+  memory pool shared by that generator's graphs: a server with many sessions pays that per session.
 
 The t = 0 context pass that rebuilds the global cache runs eagerly in every mode: its length is
 the number of context frames, which grows with the first shots, and it runs once per shot.
