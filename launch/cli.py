@@ -101,6 +101,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="launch.serve:export")
 
 
+def _add_compile(p: argparse.ArgumentParser) -> None:
+    # the generator checks the value (student/compiled.py MODES): importing it here would load torch for --help
+    p.add_argument("--compile", default="none", metavar="MODE",
+                   help="how the per-chunk passes run: none (eager), regions, compile, cudagraph (CUDA)")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a multi-shot video from an export, shot by shot")
     p.add_argument("export", metavar="EXPORT_DIR", help="folder written by `shotdistill export`")
@@ -112,7 +118,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, help="frames per shot (default: the export's training shot length)")
     p.add_argument("--global-prompt", default="", help="caption of the whole video, joined to every shot's")
     p.add_argument("--seed", type=int, default=0, help="seed of the generation noise")
+    p.add_argument("--reference", action="append", metavar="IMAGE:CAPTION",
+                   help="a reference image (any Pillow format, resized to the video size) shown with CAPTION "
+                        "in the global cache before the history (repeat; split at the first ':')")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    _add_compile(p)
     p.set_defaults(handler="launch.serve:generate")
 
 
@@ -133,6 +143,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="longest prompt or caption, in characters")
     p.add_argument("--max-shots", type=int, default=Limits.max_shots,
                    help="shots per session (their frames are kept for the mp4)")
+    _add_compile(p)
     p.set_defaults(handler="launch.serve:serve")
 
 

@@ -4,7 +4,10 @@
 with `--interactive`, from stdin after each shot (an empty line or end of input stops). Every prompt
 given up front and the frame count are checked before the model loads or a file is written; frames
 are appended to the mp4 chunk by chunk as they are generated, and the file appears only when the
-video is complete.
+video is complete. `--reference IMAGE:CAPTION` (repeatable; split at the first ':', so a caption may hold
+':' but a path may not) adds a reference image to the generator's global cache (student/generator.py);
+each image is read with Pillow before the model loads and resized (bilinear, aspect not kept) to the
+video size, as the training crops are (distill/data/references.py).
 """
 
 from __future__ import annotations
@@ -79,9 +82,41 @@ def prompts_stream(given: list[str], interactive: bool) -> Iterator[str]:
         yield line.strip()
 
 
+def read_references(specs: list[str]) -> list[tuple[Path, str, object]]:
+    """(path, caption, RGB Pillow image) of each --reference IMAGE:CAPTION, checked (one-line errors)."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for spec in specs:
+        path, sep, caption = spec.partition(":")
+        if not sep or not path:
+            raise ValueError(f"--reference {spec!r}: expected IMAGE:CAPTION")
+        try:
+            with Image.open(path) as image:
+                out.append((Path(path), caption.strip(), image.convert("RGB")))
+        except FileNotFoundError:
+            raise ValueError(f"--reference {path}: image not found") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"--reference {path}: not a readable image ({type(e).__name__})") from None
+    return out
+
+
+def as_references(images: list, height: int, width: int) -> list:
+    """Generator references: each image resized to the video size, as uint8 [H, W, 3]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from student.generator import Reference
+
+    return [Reference(torch.from_numpy(np.asarray(image.resize((width, height), Image.BILINEAR)).copy()), caption)
+            for _, caption, image in images]
+
+
 def generate(args: argparse.Namespace) -> int:
     """Generate a multi-shot video from an export folder into --out."""
     given = given_prompts(args)
+    images = read_references(args.reference or [])
     if args.frames is not None and args.frames < 1:
         raise ValueError(f"--frames must be a positive frame count, got {args.frames}")
     from student.generator import StreamingGenerator
@@ -89,7 +124,9 @@ def generate(args: argparse.Namespace) -> int:
 
     quiet_loading()
     gen = StreamingGenerator.from_export(args.export, device=args.device, global_prompt=args.global_prompt,
-                                         seed=args.seed)
+                                         seed=args.seed, compile=args.compile)
+    if images:
+        gen.reset(as_references(images, gen.video.height, gen.video.width))
     frames = gen.video.frames if args.frames is None else args.frames
     gen.chunks_for(frames)  # a bad count fails before anything is written
     out = Path(args.out)
@@ -122,7 +159,7 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
     quiet_loading()
     models = load_models(args.export, device=args.device,
-                         dtype=DTYPES[EXPORT_DTYPES[args.dtype]] if args.dtype else None)
+                         dtype=DTYPES[EXPORT_DTYPES[args.dtype]] if args.dtype else None, compile=args.compile)
     print(f"serving {args.export} on http://{args.host}:{args.port} (the page is at /)", file=sys.stderr)
     uvicorn.run(create_app(models, limits), host=args.host, port=args.port, log_level="info")
     return 0

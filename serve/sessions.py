@@ -29,8 +29,7 @@ import torch
 from serve.limits import Limits
 from serve.metrics import Metrics
 from serve.worker import ChunkWorker
-from student.folder import read_folder, verify_components
-from student.generator import Reference, StreamingGenerator, VideoSettings, load_components
+from student.generator import Reference, StreamingGenerator, VideoSettings, load_export
 from student.model import CausalStudent
 from teacher.encoders import Codec, T5TextEncoder
 
@@ -55,16 +54,14 @@ class Models:
     codec: Codec
     text_encoder: T5TextEncoder
     video: VideoSettings
+    compile: str = "none"
 
 
 def load_models(folder: str | os.PathLike, device: torch.device | str = "cpu",
-                dtype: torch.dtype | None = None) -> Models:
-    """Load an export (or any student folder) once, verified as `StreamingGenerator.from_export` does."""
-    info = read_folder(folder)
-    verify_components(info)
-    student = CausalStudent.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
-    codec, text, video = load_components(info.components, info.folder, device)
-    models = Models(student, codec, text, video)
+                dtype: torch.dtype | None = None, compile: str = "none") -> Models:
+    """Load an export (or any student folder) once; every session's generator runs its chunk passes the
+    `compile` way (student/compiled.py)."""
+    models = Models(*load_export(folder, device, dtype), compile=compile)
     new_generator(models)  # a student that does not fit its codec, text encoder or video fails here, not per session
     return models
 
@@ -73,7 +70,7 @@ def new_generator(models: Models, global_prompt: str = "", seed: int = 0,
                   references: Sequence[Reference] = ()) -> StreamingGenerator:
     """A session's generator: its own cache, noise and history over the shared modules."""
     return StreamingGenerator(models.student, models.codec, models.text_encoder, models.video,
-                              global_prompt=global_prompt, seed=seed, references=references)
+                              global_prompt=global_prompt, seed=seed, references=references, compile=models.compile)
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,18 @@ def load_components(components: dict[str, dict], source: str | os.PathLike, devi
     return codec, text, settings
 
 
+def load_export(folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+                ) -> tuple[CausalStudent, Codec, T5TextEncoder, VideoSettings]:
+    """The student (in eval mode), codec, text encoder and video settings of a student folder (a serving
+    export or a stage's `student/`), its files verified against its records; no DeepSpeed. Generators
+    built on these share them (the server's sessions do)."""
+    info = read_folder(folder)
+    verify_components(info)
+    student = CausalStudent.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+    codec, text, video = load_components(info.components, info.folder, device)
+    return student, codec, text, video
+
+
 class StreamingGenerator:
     """Shot-by-shot streaming generation with an exported causal student (see module doc)."""
 
@@ -170,10 +182,7 @@ class StreamingGenerator:
                     references: Sequence[Reference] = (), *, compile: str = "none") -> "StreamingGenerator":
         """Load a student folder (a serving export or a stage's `student/`); no DeepSpeed. `compile`:
         none | regions | compile | cudagraph (student/compiled.py)."""
-        info = read_folder(folder)
-        verify_components(info)
-        student = CausalStudent.from_pretrained(folder, torch_dtype=dtype).to(device)
-        codec, text, video = load_components(info.components, info.folder, device)
+        student, codec, text, video = load_export(folder, device, dtype)
         return cls(student, codec, text, video, global_prompt=global_prompt, seed=seed, references=references,
                    compile=compile)
 

@@ -134,3 +134,20 @@ def test_diffusers_pipeline_passes_the_mode_through(tmp_path, monkeypatch):
         pipe(PROMPTS[:2], seed=3, compile="jit")
     for eager, fast in zip(pipe(PROMPTS[:2], seed=3).frames, pipe(PROMPTS[:2], seed=3, compile="compile").frames):
         assert eager.shape == fast.shape and (eager.int() - fast.int()).abs().max() <= 1
+
+
+def test_cli_flag_reaches_the_generator(tmp_path, capsys):
+    """`generate --compile` and `serve --compile` hand the mode to the generator: a bad one fails in one
+    line naming it, before any output is written."""
+    from launch.cli import main
+    from serve.sessions import load_models
+
+    folder = _export(tmp_path, "rope_offset")
+    out = tmp_path / "story.mp4"
+    capsys.readouterr()  # the export's own progress lines
+    assert main(["generate", str(folder), "--shot", PROMPTS[0], "--compile", "jit", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compile must be one of none, regions, compile, cudagraph; got 'jit'" in err[0]
+    assert not out.exists()
+    with pytest.raises(ValueError, match="^compile must be one of"):
+        load_models(folder, compile="jit")

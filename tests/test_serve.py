@@ -10,6 +10,7 @@ import base64
 import gc
 import io
 import json
+import threading
 import time
 import weakref
 
@@ -151,6 +152,14 @@ def test_concurrent_sessions_get_exactly_their_own_frames(models):
         assert "shotdistill_chunks_total 36.0" in metrics and "shotdistill_sessions_total 4.0" in metrics
 
 
+def drain(worker) -> None:
+    """Return once every step queued so far has finished: an empty queue alone can still have its last
+    step running (holding its session's tensors)."""
+    drained = threading.Event()
+    worker.post(drained.set)
+    assert drained.wait(30), "the worker did not reach the end of its queue in 30 s"
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
@@ -185,7 +194,7 @@ def test_memory_is_flat_across_sequential_sessions(models):
             assert len(asyncio.run(one_shot(server, session))["frames"]) == FRAMES
             assert http.delete(f"/sessions/{session}").status_code == 204
             if i in (4, 19):
-                wait_until(lambda: manager.worker.depth() == 0)  # the deleted session's last step ran
+                drain(manager.worker)
                 live[i], rss[i] = _live_tensor_bytes(), _rss_bytes()
         assert manager.sessions == {} and http.get("/health").json()["sessions"] == 0
         assert all(ref() is None for ref in generators)
@@ -419,7 +428,7 @@ def test_deleting_a_generating_session_frees_it(models):
         manager = server.server.config.app.state.manager
         generator = weakref.ref(manager.sessions[session].generator)
         assert asyncio.run(run(server, http, session)) == 4404
-        wait_until(lambda: manager.worker.depth() == 0)
+        drain(manager.worker)
         gc.collect()
         assert generator() is None and http.get("/health").json() == {"status": "ok", "sessions": 0, "queue": 0}
         open_session(http)  # still serving
