@@ -143,6 +143,14 @@ class NegativeContextConfig:
 
 
 @dataclass
+class ReferencesConfig:
+    p: float = key(0.0, "probability a teacher / dmd_intra sample's context starts with crops of its target "
+                   "shot's own characters as references (virtual shot -1, as at inference; 0: off, and prepare "
+                   "stores none; distill/data/references.py)")
+    max: int = key(1, "most references per sample (each takes a context slot; one is always left for history)")
+
+
+@dataclass
 class ContextConfig:
     strategy: str = choice(_STUDENT.context_strategy, STRATEGIES,
                            "which history frames condition a shot (teacher/context.py)")
@@ -152,6 +160,8 @@ class ContextConfig:
                                         "(training only; generation keeps clean context)")
     negative: NegativeContextConfig = section(NegativeContextConfig, "negative context: irrelevant frames "
                                               "mixed into training histories")
+    references: ReferencesConfig = section(ReferencesConfig, "trained references: character crops as "
+                                           "reference images in training contexts")
 
 
 @dataclass

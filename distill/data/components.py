@@ -67,10 +67,12 @@ def synth_settings(synth: DictConfig) -> SynthSettings:
 
 def shot_stream(cfg: DictConfig, rank: int, world: int, limit: int | None = None) -> DataStream:
     """Next-shot micro-batches (teacher, intra-shot) of this rank, context per `data.context` (negative
-    context included; `limit`: at most that many context frames, the newest)."""
-    negative = cfg.data.context.negative
+    context and trained references included; `limit`: at most that many context frames)."""
+    negative, refs = cfg.data.context.negative, cfg.data.context.references
     mixed = (negative.p, negative.frames, cfg.run.seed) if negative.p > 0 else None
-    dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget, mixed, limit)
+    crops = (refs.p, refs.max, cfg.run.seed) if refs.p > 0 else None
+    dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget, mixed, limit,
+                          crops)
     return DataStream(dataset, cfg.train.micro_batch, cfg.run.seed, rank, world)
 
 

@@ -1,7 +1,9 @@
 """Datasets over a prepared folder: next-shot samples (teacher, intra-shot) and caption prompts (inter-shot).
 
 `ShotDataset` item i is one (record, target shot) pair (with `negative`, its context may also hold an
-irrelevant shot of another record, distill/data/negatives.py; `set_epoch` varies that draw per epoch):
+irrelevant shot of another record, distill/data/negatives.py; with `references`, it may start with
+crops of the target shot's own characters as shot −1, distill/data/references.py; `set_epoch` varies
+those draws per epoch):
 
     latents       [C, F, h, w]      the target shot
     text          [L, D]            global ⊕ target caption tokens, zero-padded (L = 2·max_tokens)
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from distill.data.negatives import NegativeShot, insert_shot, pick_negative
+from distill.data.references import pick_references
 from distill.data.shards import INDEX, ShardReader, read_json
 from student.context import Context, pick_context
 from teacher.context import sample_context
@@ -73,6 +76,19 @@ class PreparedData:
             return [list(range(n)) for n in record["shot_frames"]]
         return [list(frames) for frames in record["context_frames"]]
 
+    def references(self, record: dict, shot: int, picks: tuple[int, ...]) -> Context | None:
+        """The reference crops `picks` of shot `shot` as the generator places them: shot −1, each with the
+        global caption ⊕ its own caption (None: no picks)."""
+        if not picks:
+            return None
+        if self.settings.get("caption_layout") == "joint":
+            texts = [self.tensor(record, f"shot{shot}/ref{i}/joint_text") for i in picks]
+        else:
+            texts = [join_text([self.tensor(record, "global_text"), self.tensor(record, f"shot{shot}/ref{i}/text")],
+                               self.text_len) for i in picks]
+        latents = torch.stack([self.tensor(record, f"shot{shot}/ref{i}/latents") for i in picks], 1)
+        return Context(latents, torch.stack(texts), torch.full((len(picks),), -1, dtype=torch.long))
+
     def history(self, record: dict, shots: int, strategy: str, budget: int) -> Context | None:
         """The context of shot `shots` of `record`: picked from its ground-truth shots before it."""
         return pick_context(record["shot_frames"][:shots], strategy, budget,
@@ -82,12 +98,19 @@ class PreparedData:
 class ShotDataset:
     """(record, target shot) pairs with context sampled by `strategy` and `budget`; `negative` = (p, frames,
     seed) mixes irrelevant shots into contexts (`data.context.negative`); `limit` keeps only the newest
-    `limit` context frames (a student's global cache holds no more than its budget)."""
+    `limit` context frames (a student's global cache holds no more than its budget); `references` = (p, max,
+    seed) starts contexts with character crops (`data.context.references`), which take budget and limit
+    slots from the history."""
 
     def __init__(self, folder: str | Path, strategy: str, budget: int,
-                 negative: tuple[float, int, int] | None = None, limit: int | None = None) -> None:
+                 negative: tuple[float, int, int] | None = None, limit: int | None = None,
+                 references: tuple[float, int, int] | None = None) -> None:
         self.data = PreparedData(folder)
         self.strategy, self.budget, self.negative, self.limit = strategy, budget, negative, limit
+        self.refs = references
+        if references and self.data.settings.get("references", 0) < references[1]:
+            raise ValueError(f"{folder}: prepared with {self.data.settings.get('references', 0)} references per "
+                             f"sample, data.context.references.max is {references[1]}; prepare again with it")
         self.items = [(r, j) for r, rec in enumerate(self.data.records) for j in range(len(rec["captions"]))]
         if not self.items:
             raise ValueError(f"{folder}: no prepared records")
@@ -106,6 +129,16 @@ class ShotDataset:
         r, target = self.items[i]
         return pick_negative(self._pools, r, target, p, frames, seed, self.epoch, i)
 
+    def reference_picks(self, i: int) -> tuple[int, ...]:
+        """Which crops of its target shot item i starts its context with this epoch (() for none)."""
+        if self.refs is None:
+            return ()
+        p, most, seed = self.refs
+        r, target = self.items[i]
+        available = len(self.data.records[r]["references"][target])
+        slots = self.budget if self.limit is None else min(self.budget, self.limit)
+        return pick_references(available, p, most, slots, seed, self.epoch, i)
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -113,19 +146,21 @@ class ShotDataset:
         """Items of one group have the same context and target lengths, so they stack into a batch."""
         r, target = self.items[i]
         rec = self.data.records[r]
-        picks = sample_context(rec["shot_frames"][:target], self.strategy, self.budget)
+        refs = len(self.reference_picks(i))
+        picks = sample_context(rec["shot_frames"][:target], self.strategy, self.budget - refs)
         negative = self.negative_shot(i)
         if negative is None:
-            return len(picks), rec["latent_frames"][target]
+            return refs + len(picks), rec["latent_frames"][target]
         frames = len(picks) + len(negative.frames)
-        return frames if self.limit is None else min(frames, self.limit), rec["latent_frames"][target]
+        return refs + (frames if self.limit is None else min(frames, self.limit - refs)), rec["latent_frames"][target]
 
     def __getitem__(self, i: int) -> dict:
         r, target = self.items[i]
         rec, data = self.data.records[r], self.data
         latents = data.tensor(rec, f"shot{target}/latents")
         text = data.shot_text(rec, target)
-        context = data.history(rec, target, self.strategy, self.budget)
+        refs = self.reference_picks(i)
+        context = data.history(rec, target, self.strategy, self.budget - len(refs))
         negative = self.negative_shot(i)
         if negative is not None:
             other = data.records[negative.record]
@@ -133,10 +168,10 @@ class ShotDataset:
                             data.shot_text(other, negative.shot).expand(len(negative.frames), -1, -1),
                             torch.zeros(len(negative.frames), dtype=torch.long))
             context = insert_shot(context, extra, negative.place)
-            if self.limit is not None and context.frames > self.limit:
-                keep = slice(context.frames - self.limit, None)
+            if self.limit is not None and context.frames > self.limit - len(refs):
+                keep = slice(context.frames - (self.limit - len(refs)), None)
                 context = Context(context.latents[:, keep], context.texts[keep], context.shots[keep])
-        context = context or Context.empty_like(latents, text)
+        context = Context.cat([data.references(rec, target, refs), context]) or Context.empty_like(latents, text)
         return {"latents": latents, "text": text, "context": context, "target_shot": torch.tensor(target),
                 "record": rec["id"]}
 

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from distill.data.manifest import BadRecord, Record, Skip, read_manifest
+from distill.data.references import crop_reference, reference_boxes
 from distill.data.shards import INDEX, REPORT, read_json, shard_name, shard_problem, write_json, write_shard
 from distill.data.shots import load_shots
 from teacher.context import candidate_frames
@@ -42,6 +43,7 @@ class PrepareSettings:
     caption_layout: str
     long_shots: str
     chunk_frames: int
+    references: int = 0  # most trained references per sample; > 0 stores character crops (data/references.py)
 
 
 def fingerprint(s: PrepareSettings, codec: Codec, text: T5TextEncoder, manifest: Path) -> dict:
@@ -54,7 +56,10 @@ def fingerprint(s: PrepareSettings, codec: Codec, text: T5TextEncoder, manifest:
                          "(student.chunk_frames)")
     # latents: context frames are latent frames of the shots; else each shot's candidates, encoded alone
     frames = "shot" if codec.frames_are_latents else "per_shot"
-    return {"format": 2, **asdict(s),
+    fields = asdict(s)
+    if not s.references:  # folders prepared before references existed stay valid
+        del fields["references"]
+    return {"format": 2, **fields,
             "codec": {"kind": type(codec).__name__, "channels": codec.channels,
                       "temporal_factor": codec.temporal_factor, "spatial_factor": codec.spatial_factor},
             "text": {"dim": text.dim, "max_tokens": text.max_tokens, "vocab": len(text.tokenizer),
@@ -75,7 +80,9 @@ def encode_record(record: Record, slot: int, s: PrepareSettings, codec: Codec, t
         pixels = pixels_from_uint8(torch.from_numpy(clip)).unsqueeze(0)
         tensors[f"{slot}/shot{j}/latents"] = codec.encode(pixels)[0].to("cpu", dtype)
         if context_frames != "shot":  # every frame the rule may pick from this shot, for any history
-            candidates.append(candidate_frames(len(clip), s.strategy, s.budget))
+            # references leave the history budget − n slots: frames those budgets pick are candidates too
+            budgets = {s.budget, *range(max(1, s.budget - s.references), s.budget)}
+            candidates.append(sorted({f for b in budgets for f in candidate_frames(len(clip), s.strategy, b)}))
             picked = codec.encode_frames(pixels[:, :, candidates[-1]])[0]
             tensors[f"{slot}/shot{j}/frames"] = picked.to("cpu", dtype)
     captions = [record.global_caption] + [shot.caption for shot in record.shots]
@@ -90,7 +97,29 @@ def encode_record(record: Record, slot: int, s: PrepareSettings, codec: Codec, t
             "latent_frames": [codec.latent_frames(len(c)) for c in clips]}
     if candidates:
         meta["context_frames"] = candidates
+    if s.references:
+        meta["references"] = _encode_references(record, slot, clips, s, codec, text, tensors)
     return tensors, meta
+
+
+def _encode_references(record: Record, slot: int, clips: list, s: PrepareSettings, codec: Codec,
+                       text: T5TextEncoder, tensors: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Per shot, the captions of its character crops; their latents [C, h, w] (one-frame clips, as the
+    generator encodes a reference image) and texts go into `tensors` as shot{j}/ref{i}/..."""
+    dtype = DTYPES[s.latent_dtype]
+    captions = []
+    for j, clip in enumerate(clips):
+        boxes = reference_boxes(record.facts, j, s.height, s.width)
+        for i, (caption, box) in enumerate(boxes):
+            pixels = pixels_from_uint8(crop_reference(clip[0], box).unsqueeze(0)).unsqueeze(0)
+            tensors[f"{slot}/shot{j}/ref{i}/latents"] = codec.encode(pixels)[0, :, 0].to("cpu", dtype)
+            if s.caption_layout == "joint":
+                tensors[f"{slot}/shot{j}/ref{i}/joint_text"] = text.joint_text(record.global_caption,
+                                                                                [caption]).to(dtype)
+            else:
+                tensors[f"{slot}/shot{j}/ref{i}/text"] = text.encode([caption])[0].to(dtype)
+        captions.append([caption for caption, _ in boxes])
+    return captions
 
 
 def _shard(entries: list[Record | Skip], s: PrepareSettings, codec: Codec, text: T5TextEncoder,

@@ -38,6 +38,7 @@ from distill.context_noise import check_range, noise_context
 from distill.data.components import build_codec, negative_text, prepared_dir, prompt_stream, shot_stream
 from distill.data.datasets import PreparedData, PromptDataset
 from distill.data.negatives import check_negative
+from distill.data.references import check_references
 from distill.dmd import critic_loss, draw_timesteps, generator_loss
 from distill.ema import EMA
 from distill.logging import log_final
@@ -98,6 +99,7 @@ class DMDStage:
             raise ValueError(f"lora.rank must be >= 0, got {cfg.lora.rank}")
         check_range(cfg.data.context.noise.shot, "data.context.noise.shot")
         check_negative(cfg.data.context.negative.p, cfg.data.context.negative.frames)
+        check_references(cfg.data.context.references.p, cfg.data.context.references.max)
 
     def __init__(self, cfg: DictConfig, ctx) -> None:
         self.cfg, self.ctx, self.env = cfg, ctx, ctx.env

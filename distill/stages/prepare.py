@@ -17,12 +17,14 @@ from omegaconf import DictConfig
 from distill import layout
 from distill.data.components import build_codec, build_text_encoder, prepared_dir, synth_settings
 from distill.data.prepare import PrepareSettings, finish, prepare_shards
+from distill.data.references import check_references
 from distill.data.synth import synthesize
 
 
 
 def settings_of(cfg: DictConfig) -> PrepareSettings:
     d = cfg.data
+    check_references(d.context.references.p, d.context.references.max)
     if d.shot_frames < 1 or d.records_per_shard < 1 or d.context.budget < 0:
         raise ValueError("data.shot_frames and data.records_per_shard must be >= 1, "
                          "data.context.budget >= 0")
@@ -30,7 +32,8 @@ def settings_of(cfg: DictConfig) -> PrepareSettings:
                            records_per_shard=d.records_per_shard, latent_dtype=d.latent_dtype,
                            strategy=d.context.strategy, budget=d.context.budget,
                            caption_layout=cfg.text_encoder.caption_layout, long_shots=d.long_shots,
-                           chunk_frames=cfg.student.chunk_frames)
+                           chunk_frames=cfg.student.chunk_frames,
+                           references=d.context.references.max if d.context.references.p > 0 else 0)
 
 
 def prepare(cfg: DictConfig, manifest: str | Path | None, out: str | Path, rank: int = 0,

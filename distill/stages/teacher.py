@@ -31,6 +31,7 @@ from distill import keys, layout
 from distill.context_noise import check_range, noise_context
 from distill.data.components import shot_stream
 from distill.data.negatives import check_negative
+from distill.data.references import check_references
 from distill.logging import log_final
 from distill.models import build_teacher, save_teacher
 from distill.trainer import TrainedModel, Trainer
@@ -145,6 +146,7 @@ def check_context_keys(cfg: DictConfig, injection: str, context_timestep: str) -
                          f"teacher.context_timestep=zero (context tokens that carry their own timestep); got "
                          f"{injection}, {context_timestep}")
     check_negative(cfg.data.context.negative.p, cfg.data.context.negative.frames)
+    check_references(cfg.data.context.references.p, cfg.data.context.references.max)
 
 
 def trainable_teacher(cfg: DictConfig) -> NextShotTeacher:
