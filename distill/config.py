@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distill.data.world import CAPTION_MODES
 from kernels.dispatch import BACKENDS
-from student.settings import NEGATIVE_SCOPES, StudentSettings
+from student.settings import NEGATIVE_SCOPES, SIMILARITIES, StudentSettings
 from teacher.context import CAPTION_LAYOUTS, STRATEGIES
 
 
@@ -151,11 +151,26 @@ class ReferencesConfig:
 
 
 @dataclass
+class SimilarityConfig:
+    kind: str = choice(_STUDENT.similarity, SIMILARITIES, "how history frames are ranked against a new shot's "
+                       "prompt: oracle (the synthetic world's caption facts) or clip (student/memory.py)")
+    path: str = key(_STUDENT.similarity_path, "clip: a local folder holding a transformers CLIPModel and its "
+                    "tokenizer")
+
+
+@dataclass
 class ContextConfig:
     strategy: str = choice(_STUDENT.context_strategy, STRATEGIES,
-                           "which history frames condition a shot (teacher/context.py)")
+                           "which history frames condition a shot (teacher/context.py; retrieval / memory_pack: "
+                           "student/memory.py)")
     budget: int = key(_STUDENT.context_frames, "dynamic strategy: context frames taken from the history "
                       "shots (the student's global cache size)")
+    similarity: SimilarityConfig = section(SimilarityConfig, "the scorer of the retrieval and memory_pack "
+                                           "strategies")
+    pack_frames: int = key(_STUDENT.pack_frames, "memory_pack: latent frames the ranked history is tiled into "
+                           "(the j-th frame at area 1/2^j for 2)")
+    max_candidates: int = key(_STUDENT.max_candidates, "retrieval / memory_pack: newest candidate frames kept "
+                              "(bounds the generator's memory)")
     noise: ContextNoiseConfig = section(ContextNoiseConfig, "asymmetric context noise against copy-paste "
                                         "(training only; generation keeps clean context)")
     negative: NegativeContextConfig = section(NegativeContextConfig, "negative context: irrelevant frames "

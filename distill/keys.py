@@ -44,7 +44,8 @@ TRAINING = ("train", "deepspeed")
 STUDENT_FOLDER = ("codec", "text_encoder", "data.height", "data.width", "data.fps", "data.shot_frames")
 # the context rule (which history frames a shot sees): what a student is built with, what ODE pairs and
 # prepared context frames follow; data.context.noise / negative shape training only (teacher, dmd)
-CONTEXT_RULE = ("data.context.strategy", "data.context.budget")
+CONTEXT_RULE = ("data.context.strategy", "data.context.budget", "data.context.similarity", "data.context.pack_frames",
+                "data.context.max_candidates")
 RECIPE_ONLY = ("base",)  # recipe-file syntax, not a key of the schema
 # keys that cannot change what a stage computes: they may differ from what a finished or checkpointed
 # stage recorded (how it is logged and checkpointed, how long collectives wait, the run's name and place,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from distill.data.memory import memory_settings
 from kernels import attention_function
 from student.model import CausalStudent
 from teacher.encoders import component_folder
@@ -145,7 +146,8 @@ def build_student(cfg: DictConfig, teacher: NextShotTeacher) -> CausalStudent:
         teacher, chunk_frames=s.chunk_frames, copy=False,
         indicator=None if s.indicator == "auto" else s.indicator, local_chunks=s.local_chunks,
         context_frames=cfg.data.context.budget, context_strategy=cfg.data.context.strategy,
-        denoising_steps=list(s.denoising_steps), shift=s.shift, caption_layout=cfg.text_encoder.caption_layout)
+        denoising_steps=list(s.denoising_steps), shift=s.shift, caption_layout=cfg.text_encoder.caption_layout,
+        **memory_settings(cfg))
     student.requires_grad_(True)
     student.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
     return use_attention(student, cfg.model.attention)

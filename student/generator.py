@@ -49,13 +49,14 @@ are handed out). Frames equal eager up to float rounding.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from student.folder import read_folder, verify_components
 from student.context import Context, pick_context
+from student.memory import MemoryRule
 from student.model import CausalStudent
 from student.sampling import ChunkStream
 from teacher.context import candidate_frames, sample_context
@@ -85,12 +86,14 @@ class Reference:
 @dataclass
 class _Shot:
     """What the generator remembers of a finished shot: its frame count (in the units the context
-    rule counts), its model text, and the latents [C, h, w] of the frames the rule may pick."""
+    rule counts), its model text, the latents [C, h, w] of the frames the rule may pick, and (ranked
+    strategies, student/memory.py) those frames' similarity features."""
 
     frames: int
     caption: str
     text: torch.Tensor | None
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
+    features: dict[int, Any] = field(default_factory=dict)
 
 
 def _value(desc: dict, name: str, key: str, source: str | os.PathLike):
@@ -174,6 +177,7 @@ class StreamingGenerator:
         self._epoch = 0
         self.references: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.history_budget = s.context_frames
+        self.memory = MemoryRule.from_settings(s, device=self.device)  # None: a frame-count rule
         self.reset(references)
 
     @classmethod
@@ -254,8 +258,10 @@ class StreamingGenerator:
                      text=self._model_text(prompt, [s.caption for s in self.shots]))
         keep = set(candidate_frames(shot.frames, self.student.settings.context_strategy, self.history_budget))
         with torch.no_grad():  # not held across a yield: the caller's grad mode stays its own
-            self.stream.begin_shot(shot.text.unsqueeze(0), self._context())
+            self.stream.begin_shot(shot.text.unsqueeze(0), self._context(prompt))
         pending: dict[int, torch.Tensor] = {}
+        images: dict[int, torch.Tensor] = {}  # pixels of kept frames, for a scorer that looks at them
+        looks = self.memory is not None and self.memory.similarity.needs_images
         offset = 0
         for index, (x0, pixels, frames, finite) in enumerate(self._chunks(chunks)):
             if not finite:  # NaN frames would be written as black
@@ -267,11 +273,18 @@ class StreamingGenerator:
             for j in range(pixels.shape[1]):
                 if offset + j in keep:
                     pending[offset + j] = source[:, j].clone()
+                    if looks:
+                        images[offset + j] = pixels[:, j].clone()
             offset += pixels.shape[1]
             yield frames
             if self._epoch != mine:
                 raise RuntimeError("this shot was abandoned: a later next_shot() or reset() took over the stream")
         shot.kept = self._encode_kept(pending)
+        if self.memory is not None:
+            order = sorted(pending)
+            features = self.memory.similarity.features(
+                [prompt] * len(order), torch.stack([images[f] for f in order]) if looks else None)
+            shot.features = dict(zip(order, features))
         self.shots.append(shot)
         self._forget_unreachable()
 
@@ -333,15 +346,33 @@ class StreamingGenerator:
 
     # ---- context -------------------------------------------------------------------------------
     def _picks(self) -> list[tuple[int, int]]:
-        """(shot, frame) of the history frames the next shot sees, at most `history_budget` of them."""
+        """(shot, frame) of the history frames the next shot sees, at most `history_budget` of them
+        (ranked strategies: every candidate it may see)."""
+        if self.memory is not None:
+            return self._rule().candidates([s.frames for s in self.shots])
         return sample_context([s.frames for s in self.shots], self.student.settings.context_strategy,
                               self.history_budget, limit=self.history_budget)
 
-    def _context(self) -> Context | None:
-        """The references, then the history frames the rule picks (batch of one), or None."""
-        history = pick_context([s.frames for s in self.shots], self.student.settings.context_strategy,
-                               self.history_budget, lambda k, f: self.shots[k].kept[f], lambda k: self.shots[k].text,
-                               limit=self.history_budget, renumber=True)
+    def _rule(self) -> MemoryRule:
+        return replace(self.memory, budget=self.history_budget)
+
+    def _memory_context(self, prompt: str) -> Context | None:
+        """The ranked strategies' history: candidates scored against `prompt` (student/memory.py)."""
+        candidates = self._picks()
+        if not candidates:
+            return None
+        scores = self.memory.similarity.scores(prompt, [self.shots[k].features[f] for k, f in candidates])
+        return self._rule().pick(candidates, scores, lambda k, f: self.shots[k].kept[f],
+                                 lambda k: self.shots[k].text)
+
+    def _context(self, prompt: str) -> Context | None:
+        """The references, then the history frames the rule picks for `prompt` (batch of one), or None."""
+        if self.memory is not None:
+            history = self._memory_context(prompt)
+        else:
+                history = pick_context([s.frames for s in self.shots], self.student.settings.context_strategy,
+                                   self.history_budget, lambda k, f: self.shots[k].kept[f],
+                                   lambda k: self.shots[k].text, limit=self.history_budget, renumber=True)
         references = None
         if self.references:
             references = Context(torch.stack([lat for lat, _ in self.references], dim=1),
@@ -352,11 +383,16 @@ class StreamingGenerator:
 
     def _forget_unreachable(self) -> None:
         """Drop the frames and text of shots the rule will never pick again (see module doc)."""
-        used = {k for k, _ in self._picks()}
+        picks = set(self._picks())
+        used = {k for k, _ in picks}
         for k, shot in enumerate(self.shots):
             if k not in used:
-                shot.kept, shot.text = {}, None
+                shot.kept, shot.text, shot.features = {}, None, {}
+        if self.memory is not None:  # candidates only leave, oldest first: drop frames no longer candidates
+            for k, shot in enumerate(self.shots):
+                shot.kept = {f: x for f, x in shot.kept.items() if (k, f) in picks}
+                shot.features = {f: x for f, x in shot.features.items() if f in shot.kept}
 
     def kept_tensors(self) -> int:
         """How many history tensors the generator holds (bounded; for tests and the benchmark)."""
-        return sum(len(s.kept) + (s.text is not None) for s in self.shots)
+        return sum(len(s.kept) + len(s.features) + (s.text is not None) for s in self.shots)

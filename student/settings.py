@@ -14,6 +14,9 @@ from pathlib import Path
 from teacher.context import CAPTION_LAYOUTS, STRATEGIES
 
 INDICATORS = ("rope_offset", "learnable", "none")
+SIMILARITIES = ("oracle", "clip")
+# settings added after folders were first saved: a folder without them has their defaults
+LATER = ("similarity", "similarity_path", "similarity_terms", "pack_frames", "max_candidates")
 # what the unconditional (CFG negative) text replaces: every frame's text, or the target's only
 NEGATIVE_SCOPES = ("all", "target")
 
@@ -32,6 +35,13 @@ class StudentSettings:
     caption_layout: str = "separate"  # how a shot's model text is built (teacher/context.py CAPTION_LAYOUTS)
     denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
     shift: float = 5.0
+    # the ranked strategies (retrieval, memory_pack; student/memory.py): scorer, its folder or vocabulary,
+    # packed slots and the candidate frames kept
+    similarity: str = "oracle"
+    similarity_path: str = ""
+    similarity_terms: list[str] = field(default_factory=list)
+    pack_frames: int = 2
+    max_candidates: int = 64
 
     def check(self) -> "StudentSettings":
         """Raise ValueError naming the first bad setting."""
@@ -45,8 +55,10 @@ class StudentSettings:
                              f"got {self.caption_layout!r}")
         if self.captions not in ("multi", "target_only"):
             raise ValueError(f"student captions must be 'multi' or 'target_only'; got {self.captions!r}")
-        for name in ("chunk_frames", "local_chunks", "context_frames"):
-            low = 1 if name == "chunk_frames" else 0
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"student similarity must be one of {list(SIMILARITIES)}; got {self.similarity!r}")
+        for name in ("chunk_frames", "local_chunks", "context_frames", "pack_frames", "max_candidates"):
+            low = 0 if name in ("local_chunks", "context_frames") else 1
             if int(getattr(self, name)) < low:
                 raise ValueError(f"student {name} must be >= {low}; got {getattr(self, name)}")
         steps = [float(t) for t in self.denoising_steps]
@@ -72,7 +84,7 @@ class StudentSettings:
 def settings_from_dict(values: dict, source: str | Path) -> StudentSettings:
     """StudentSettings from saved values; unknown or missing keys name the file."""
     known = set(StudentSettings.__dataclass_fields__)
-    unknown, missing = sorted(set(values) - known), sorted(known - set(values))
+    unknown, missing = sorted(set(values) - known), sorted(known - set(values) - set(LATER))
     if unknown:
         raise ValueError(f"{source}: unknown student settings {unknown}; valid: {sorted(known)}")
     if missing:

@@ -8,6 +8,10 @@ Strategies, given the pixel-frame counts of the S_hist history shots and a budge
   shot keeps frames.
 - ``first``: the first frame of every history shot (the budget is not used).
 - ``first_last``: the first and last frame of every history shot.
+- ``retrieval`` (FilmWeaver) and ``memory_pack`` (STAGE) rank frames by their similarity to the new
+  shot's prompt, so they are not frame counts: student/memory.py picks them. Their candidates are
+  ``candidate_frames``: ``budget`` evenly spaced frames of every history shot (one shot can fill the
+  budget alone), the newest ``max_candidates`` of them over the whole history.
 
 Inside a shot of n frames, k frames are taken evenly spaced with both ends included:
 index_i = round(i · (n - 1) / (k - 1)) for i = 0..k-1 (halves round up), k = 1 takes the first
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-STRATEGIES = ("dynamic", "first", "first_last")
+STRATEGIES = ("dynamic", "first", "first_last", "retrieval", "memory_pack")
+# strategies that rank candidate frames by similarity to the prompt (student/memory.py)
+RANKED = ("retrieval", "memory_pack")
 # how a shot's captions become its model text: each caption encoded on its own (ours), or the whole
 # prompt so far as one string (the official ShotStream teacher; teacher/encoders.py)
 CAPTION_LAYOUTS = ("separate", "joint")
@@ -47,6 +53,9 @@ def frames_per_shot(history: int, strategy: str, budget: int) -> list[int]:
         raise ValueError(f"unknown context strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if budget < 0:
         raise ValueError(f"context budget must be >= 0, got {budget}")
+    if strategy in RANKED:
+        raise ValueError(f"context strategy {strategy!r} ranks frames by similarity: pick them with "
+                         "student/memory.py, not by frame counts")
     if history == 0:
         return []
     if strategy == "first":
@@ -73,7 +82,10 @@ def candidate_frames(n: int, strategy: str, budget: int) -> list[int]:
     """Every frame index of an n-frame shot that `strategy` may pick for some history length.
 
     Preparation encodes exactly these frames one by one (Wan), so any history length is served.
+    The ranked strategies may pick any `budget` evenly spaced frames of a shot.
     """
+    if strategy in RANKED:
+        return evenly_spaced(n, budget)
     counts = {k for s in range(1, budget + 2) for k in frames_per_shot(s, strategy, budget)}
     return sorted({f for k in counts for f in evenly_spaced(n, k)})
 

@@ -15,6 +15,7 @@ from distill import layout
 from distill.data.datasets import PromptDataset, ShotDataset
 from distill.data.stream import DataStream
 from distill.data.synth import SynthSettings
+from distill.data.memory import memory_rule
 from distill.data.world import grammar_texts
 from teacher.encoders import (DTYPES, Codec, PatchCodec, T5TextEncoder, WanVAECodec, build_tiny_t5,
                               vocabulary_of)
@@ -72,7 +73,7 @@ def shot_stream(cfg: DictConfig, rank: int, world: int, limit: int | None = None
     mixed = (negative.p, negative.frames, cfg.run.seed) if negative.p > 0 else None
     crops = (refs.p, refs.max, cfg.run.seed) if refs.p > 0 else None
     dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget, mixed, limit,
-                          crops)
+                          crops, memory_rule(cfg))
     return DataStream(dataset, cfg.train.micro_batch, cfg.run.seed, rank, world)
 
 

@@ -18,6 +18,7 @@ captions, the global caption and the facts (for evaluation).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ from distill.data.negatives import NegativeShot, insert_shot, pick_negative
 from distill.data.references import pick_references
 from distill.data.shards import INDEX, ShardReader, read_json
 from student.context import Context, pick_context
-from teacher.context import sample_context
+from student.memory import MemoryRule
+from teacher.context import RANKED, sample_context
 from teacher.encoders import join_text, text_length
 
 
@@ -89,8 +91,16 @@ class PreparedData:
         latents = torch.stack([self.tensor(record, f"shot{shot}/ref{i}/latents") for i in picks], 1)
         return Context(latents, torch.stack(texts), torch.full((len(picks),), -1, dtype=torch.long))
 
-    def history(self, record: dict, shots: int, strategy: str, budget: int) -> Context | None:
-        """The context of shot `shots` of `record`: picked from its ground-truth shots before it."""
+    def history(self, record: dict, shots: int, strategy: str, budget: int,
+                memory: MemoryRule | None = None) -> Context | None:
+        """The context of shot `shots` of `record`: picked from its ground-truth shots before it (by
+        `memory` for the ranked strategies, scored against shot `shots`' caption)."""
+        if strategy in RANKED:
+            if memory is None:
+                raise ValueError(f"context strategy {strategy!r} needs its memory rule (data.context.similarity)")
+            return replace(memory, budget=budget).history(
+                record["shot_frames"][:shots], record["captions"][shots], lambda k: record["captions"][k],
+                lambda k, f: self.context_frame(record, k, f), lambda k: self.shot_text(record, k))
         return pick_context(record["shot_frames"][:shots], strategy, budget,
                             lambda k, f: self.context_frame(record, k, f), lambda k: self.shot_text(record, k))
 
@@ -104,8 +114,9 @@ class ShotDataset:
 
     def __init__(self, folder: str | Path, strategy: str, budget: int,
                  negative: tuple[float, int, int] | None = None, limit: int | None = None,
-                 references: tuple[float, int, int] | None = None) -> None:
+                 references: tuple[float, int, int] | None = None, memory: MemoryRule | None = None) -> None:
         self.data = PreparedData(folder)
+        self.memory = memory
         self.strategy, self.budget, self.negative, self.limit = strategy, budget, negative, limit
         self.refs = references
         if references and self.data.settings.get("references", 0) < references[1]:
@@ -142,16 +153,24 @@ class ShotDataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def _history_frames(self, lengths: list[int], budget: int) -> int:
+        """How many context frames the rule picks from a history of shots of `lengths` frames."""
+        if self.memory is None:
+            return len(sample_context(lengths, self.strategy, budget))
+        s, factor = self.data.settings, self.data.settings["codec"]["spatial_factor"]
+        count = len(replace(self.memory, budget=budget).candidates(lengths))
+        return replace(self.memory, budget=budget).frames(count, s["height"] // factor, s["width"] // factor)
+
     def group(self, i: int) -> tuple[int, int]:
         """Items of one group have the same context and target lengths, so they stack into a batch."""
         r, target = self.items[i]
         rec = self.data.records[r]
         refs = len(self.reference_picks(i))
-        picks = sample_context(rec["shot_frames"][:target], self.strategy, self.budget - refs)
+        picks = self._history_frames(rec["shot_frames"][:target], self.budget - refs)
         negative = self.negative_shot(i)
         if negative is None:
-            return refs + len(picks), rec["latent_frames"][target]
-        frames = len(picks) + len(negative.frames)
+            return refs + picks, rec["latent_frames"][target]
+        frames = picks + len(negative.frames)
         return refs + (frames if self.limit is None else min(frames, self.limit - refs)), rec["latent_frames"][target]
 
     def __getitem__(self, i: int) -> dict:
@@ -160,7 +179,7 @@ class ShotDataset:
         latents = data.tensor(rec, f"shot{target}/latents")
         text = data.shot_text(rec, target)
         refs = self.reference_picks(i)
-        context = data.history(rec, target, self.strategy, self.budget - len(refs))
+        context = data.history(rec, target, self.strategy, self.budget - len(refs), self.memory)
         negative = self.negative_shot(i)
         if negative is not None:
             other = data.records[negative.record]

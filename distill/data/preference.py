@@ -21,6 +21,7 @@ import torch
 
 from distill.data.datasets import ShotDataset
 from distill.seeds import derive_seed
+from student.memory import MemoryRule
 
 PAIR_SOURCES = ("other_record", "wrong_shot")
 
@@ -37,8 +38,9 @@ def check_sources(sources: Sequence[str]) -> tuple[str, ...]:
 class PreferenceDataset:
     """(winner, loser) pairs over a prepared folder; a `DataStream` dataset (`group`, `set_epoch`)."""
 
-    def __init__(self, folder: str | Path, strategy: str, budget: int, sources: Sequence[str], seed: int) -> None:
-        self.shots = ShotDataset(folder, strategy, budget)
+    def __init__(self, folder: str | Path, strategy: str, budget: int, sources: Sequence[str], seed: int,
+                 memory: MemoryRule | None = None) -> None:
+        self.shots = ShotDataset(folder, strategy, budget, memory=memory)
         self.sources, self.seed, self.epoch = check_sources(sources), seed, 0
         records = self.shots.data.records
         self._by_length: dict[int, list[tuple[int, int]]] = {}

@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from distill.data.components import build_codec, prepared_dir
+from distill.data.memory import memory_rule
 from distill.data.datasets import PromptDataset, ShotDataset
 from distill.eval.metrics import colour_consistency
 from distill.eval.multishot import Rollout, guided_negative
@@ -66,7 +67,8 @@ def next_shot_colour(model, cfg: DictConfig, run: EvalRun) -> dict[str, float]:
 
     if cfg.teacher.eval_samples == 0:
         return {}
-    dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget)
+    dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget,
+                          memory=memory_rule(cfg))
     items = eval_items(dataset, cfg.teacher.eval_samples)
     if not items:
         return {}

@@ -37,6 +37,7 @@ from distill import keys, layout
 from distill.context_noise import check_range, noise_context
 from distill.data.components import build_codec, negative_text, prepared_dir, prompt_stream, shot_stream
 from distill.data.datasets import PreparedData, PromptDataset
+from student.memory import MemoryRule
 from distill.data.negatives import check_negative
 from distill.data.references import check_references
 from distill.dmd import critic_loss, draw_timesteps, generator_loss
@@ -219,7 +220,10 @@ class DMDStage:
         """The records' ground-truth history before `shot` (dmd_inter), picked by the student's rule."""
         data, s = self.prepared, self.trainer.engines["generator"].module.student.settings
         by_id = {r["id"]: r for r in data.records}
-        picked = [data.history(by_id[i], shot, s.context_strategy, s.context_frames) for i in batch["record"]]
+        if not hasattr(self, "memory"):  # the ranked rules' scorer, loaded once (None: a frame-count rule)
+            self.memory = MemoryRule.from_settings(s, device=self.env.device)
+        picked = [data.history(by_id[i], shot, s.context_strategy, s.context_frames, self.memory)
+                  for i in batch["record"]]
         return None if picked[0] is None else Context.stack(picked)
 
     def _score_context(self, shot, batch: dict, k: int) -> Context | None:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from distill import keys, layout
 from distill.data.components import prepared_dir
+from distill.data.memory import memory_rule
 from distill.data.preference import PreferenceDataset, check_sources
 from distill.data.stream import DataStream
 from distill.dpo import dpo_loss
@@ -63,7 +64,7 @@ class DPOStage:
         policy.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
         self.reference = place_frozen(load_teacher(folder, cfg.model.attention), cfg, env)
         pairs = PreferenceDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget,
-                                  cfg.dpo.pairs, cfg.run.seed)
+                                  cfg.dpo.pairs, cfg.run.seed, memory_rule(cfg))
         data = DataStream(pairs, cfg.train.micro_batch, cfg.run.seed, env.rank, env.world_size)
         self.trainer = Trainer(cfg, self.ctx, [TrainedModel("dpo", policy)], data, self.step)
         metrics = self.trainer.fit()

@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig
 
 from distill.data.components import negative_text, prepared_dir
+from distill.data.memory import memory_rule
 from distill.data.datasets import ShotDataset
 from distill import keys, layout
 from distill.data.shards import INDEX, read_json, shard_name, shard_problem, write_json, write_shard
@@ -140,7 +141,8 @@ class OdePairsStage:
 
         cfg, env = self.cfg, self.ctx.env
         model_dir = self.ctx.input("ode.teacher_from", cfg.ode.teacher_from, "teacher")
-        dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget)
+        dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget,
+                              memory=memory_rule(cfg))
         fingerprint = self.fingerprint(model_dir, dataset)
         self.out.mkdir(parents=True, exist_ok=True)
         per, total = cfg.ode.pairs_per_shard, cfg.ode.pairs
