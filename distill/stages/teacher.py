@@ -10,7 +10,8 @@ With probability `teacher.text_dropout` a sample trains with every frame's text 
 release drops 10%), which trains the unconditional branch that CFG uses in ODE pairs and DMD.
 With `data.context.noise.shot` the context frames are noised, each at its own drawn timestep that the
 model sees (distill/context_noise.py); with `data.context.negative.p` some histories hold an
-irrelevant shot of another record (distill/data/negatives.py).
+irrelevant shot of another record (distill/data/negatives.py); with `data.context.references.p` some
+contexts start with crops of the target shot's characters as references (distill/data/references.py).
 
 Timesteps are stratified: sample i of step s falls in stratum (s·B + i) mod K of K equal-probability
 strata of u ∈ [0, 1), drawn uniformly inside it, then shifted by `teacher.timestep_shift`. Every
