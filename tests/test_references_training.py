@@ -135,7 +135,7 @@ def test_a_training_context_lays_out_references_as_the_generator_does(world):
         boxes = reference_boxes(entry.facts, target, cfg.data.height, cfg.data.width)
         refs = [Reference(crop_reference(frame, boxes[k][1]), boxes[k][0]) for k in picks]
         gen = StreamingGenerator(student, codec, text, video, global_prompt=rec["global_caption"], references=refs)
-        want = gen._context()
+        want = gen._context(rec["captions"][target])
         got = dataset[i]["context"]
         n = len(picks)
         assert got.shots[:n].tolist() == [-1] * n and want.shots[0].tolist() == [-1] * n
