@@ -64,6 +64,24 @@ def test_bad_keys_are_named(p, most, key):
         check_references(p, most)
 
 
+@pytest.mark.parametrize("strategy", ["dynamic", "first", "first_last"])
+def test_prepared_candidates_serve_the_budgets_references_leave(strategy):
+    from dataclasses import replace
+
+    from distill.data.prepare import context_candidates
+    from teacher.context import sample_context
+
+    s = settings_of(load_recipe(default_recipe(), WORLD))
+    s = replace(s, strategy=strategy, budget=5, references=3)
+    lengths = [7, 12, 9, 5, 11, 8]
+    for shots in range(1, len(lengths) + 1):
+        for budget in range(2, 6):  # 0-3 references
+            for k, f in sample_context(lengths[:shots], strategy, budget):
+                assert f in context_candidates(lengths[k], s), (shots, budget, k, f)
+    from teacher.context import candidate_frames
+    assert context_candidates(12, replace(s, references=0)) == candidate_frames(12, strategy, 5)  # today's
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """One synthetic world prepared twice: references off (today's folder) and on (p=1, max=2)."""

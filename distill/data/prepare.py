@@ -68,6 +68,13 @@ def fingerprint(s: PrepareSettings, codec: Codec, text: T5TextEncoder, manifest:
             "manifest": hashlib.sha256(manifest.read_bytes()).hexdigest()}
 
 
+def context_candidates(n: int, s: PrepareSettings) -> list[int]:
+    """Every frame of an n-frame shot the context rule may pick for any history: with references, also
+    under the budgets they leave the history (budget − 1 … budget − references)."""
+    budgets = {s.budget, *range(max(1, s.budget - s.references), s.budget)}
+    return sorted({f for b in budgets for f in candidate_frames(n, s.strategy, b)})
+
+
 def encode_record(record: Record, slot: int, s: PrepareSettings, codec: Codec, text: T5TextEncoder,
                   context_frames: list[int] | str) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of one record (raises BadRecord on bad input)."""
@@ -80,9 +87,7 @@ def encode_record(record: Record, slot: int, s: PrepareSettings, codec: Codec, t
         pixels = pixels_from_uint8(torch.from_numpy(clip)).unsqueeze(0)
         tensors[f"{slot}/shot{j}/latents"] = codec.encode(pixels)[0].to("cpu", dtype)
         if context_frames != "shot":  # every frame the rule may pick from this shot, for any history
-            # references leave the history budget − n slots: frames those budgets pick are candidates too
-            budgets = {s.budget, *range(max(1, s.budget - s.references), s.budget)}
-            candidates.append(sorted({f for b in budgets for f in candidate_frames(len(clip), s.strategy, b)}))
+            candidates.append(context_candidates(len(clip), s))
             picked = codec.encode_frames(pixels[:, :, candidates[-1]])[0]
             tensors[f"{slot}/shot{j}/frames"] = picked.to("cpu", dtype)
     captions = [record.global_caption] + [shot.caption for shot in record.shots]
