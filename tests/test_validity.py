@@ -99,8 +99,8 @@ def test_the_runner_reuses_linked_stages_in_the_stage2_run_and_refuses_another_s
 
 def test_memory_option_rows_are_opt_in_and_dpo_reuses_the_default_teacher(validity, tmp_path):
     assert validity.parse([]).rows == ALL_ROWS  # the default rows stay ShotStream's tables
-    jobs = _jobs(validity, tmp_path, rows=["context-noise", "negative-context", "dpo", "dynamic"])
-    assert [j.run for j in jobs] == ["default", "context-noise", "negative-context", "dpo"]
+    jobs = _jobs(validity, tmp_path, rows=["context-noise", "negative-context", "references", "dpo", "dynamic"])
+    assert [j.run for j in jobs] == ["default", "context-noise", "negative-context", "references", "dpo"]
     dpo = jobs[-1]
     assert dpo.source == jobs[0].folder and dpo.shares == ("prepare", "teacher")
     _finish_default_upstream(jobs[0])
