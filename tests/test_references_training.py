@@ -216,3 +216,28 @@ def test_generate_reference_errors_are_one_line(export, tmp_path, capsys):
         assert main(base + extra) == 1
         assert capsys.readouterr().err == f"shotdistill: error: {message}\n"
     assert not out.exists()
+
+
+def test_a_stream_includes_the_same_after_resume_and_anew_each_epoch(world):
+    from distill.data.stream import DataStream
+
+    def stream():
+        return DataStream(ShotDataset(world["on"], "dynamic", 3, references=(0.5, 2, 7)), 1, seed=7)
+
+    first = stream()
+    batches = [next(first) for _ in range(2 * len(first.dataset))]
+    again = stream()
+    for _ in range(3):
+        next(again)
+    resumed = stream()
+    resumed.load_state_dict(again.state_dict())
+    for want in batches[3:]:
+        got = next(resumed)
+        assert got["record"] == want["record"] and torch.equal(got["context"].shots, want["context"].shots)
+        assert torch.equal(got["context"].latents, want["context"].latents)
+    dataset = first.dataset
+    picks = []
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        picks.append([dataset.reference_picks(i) for i in range(len(dataset))])
+    assert picks[0] != picks[1]
