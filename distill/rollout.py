@@ -32,12 +32,14 @@ from torch import nn
 
 from student.model import CausalStudent
 from student.context import Context, pick_context
+from student.memory import MemoryRule
 from student.sampling import ChunkStream, latent_context
 from teacher.encoders import Codec
 from distill.seeds import derive_seed
 
-# (finished shots' latents [B, C, F, H, W], their texts [B, L, D]) -> the next shot's context
-ContextFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], Context | None]
+# (finished shots' latents [B, C, F, H, W], their texts [B, L, D], captions=[sample][shot] or None: the
+# ranked rules score the next shot's caption against the earlier ones) -> the next shot's context
+ContextFn = Callable[..., Context | None]
 
 
 def draw_exit_step(seed: int, step: int, steps: int) -> int:
@@ -71,7 +73,7 @@ def rollout_shot(stream: ChunkStream, chunks: int, exit_step: int | None,
 
 def latent_context_fn(strategy: str, budget: int) -> ContextFn:
     """Context frames taken as latent frames of the finished shots (teacher/context.py's rule)."""
-    return lambda shots, texts: latent_context(shots, texts, strategy, budget)
+    return lambda shots, texts, captions=None: latent_context(shots, texts, strategy, budget)
 
 
 class ReencodedContext:
@@ -82,7 +84,8 @@ class ReencodedContext:
         self.codec, self.strategy, self.budget = codec, strategy, budget
 
     @torch.no_grad()
-    def __call__(self, shots: Sequence[torch.Tensor], texts: Sequence[torch.Tensor]) -> Context | None:
+    def __call__(self, shots: Sequence[torch.Tensor], texts: Sequence[torch.Tensor],
+                 captions: Sequence[Sequence[str]] | None = None) -> Context | None:
         pixels = [self.codec.decode(s.detach().float()) for s in shots]
         picked = pick_context([p.shape[2] for p in pixels], self.strategy, self.budget,
                               lambda k, f: pixels[k][:, :, f], lambda k: texts[k])
@@ -90,6 +93,49 @@ class ReencodedContext:
             return None
         latents = self.codec.encode_frames(picked.latents).to(shots[0].dtype)
         return Context(latents, picked.texts, picked.shots)
+
+
+class RankedContext:
+    """The ranked rules (retrieval, memory_pack; student/memory.py) on generated shots: each sample's
+    candidate frames (latent frames, or with `codec` pixel frames encoded one at a time, as the prepared
+    data was) scored against its next shot's caption."""
+
+    def __init__(self, rule: MemoryRule, codec: Codec | None = None, reencode: bool = False) -> None:
+        self.rule, self.codec, self.reencode = rule, codec, reencode
+
+    @torch.no_grad()
+    def __call__(self, shots: Sequence[torch.Tensor], texts: Sequence[torch.Tensor],
+                 captions: Sequence[Sequence[str]] | None = None) -> Context | None:
+        if not shots:
+            return None
+        if captions is None:
+            raise ValueError(f"context strategy {self.rule.strategy!r} ranks history by the shots' captions; "
+                             "this rollout was given none")
+        looks = self.rule.similarity.needs_images
+        pixels = [self.codec.decode(s.detach().float()) for s in shots] if self.reencode or looks else None
+        lengths = [p.shape[2] for p in pixels] if self.reencode else [s.shape[2] for s in shots]
+        candidates = self.rule.candidates(lengths)
+        if self.reencode:
+            picked = torch.stack([pixels[j][:, :, f] for j, f in candidates], dim=2)
+            encoded = self.codec.encode_frames(picked).to(shots[0].dtype)  # [B, C, N, h, w]
+            frame = lambda b: lambda j, f: encoded[b, :, candidates.index((j, f))]  # noqa: E731
+        else:
+            frame = lambda b: lambda j, f: shots[j][b, :, f].detach()  # noqa: E731
+        image = (lambda b: lambda j, f: pixels[j][b, :, f]) if looks else (lambda b: None)  # noqa: E731
+        k = len(shots)
+        picked = [self.rule.history(lengths, captions[b][k], lambda j: captions[b][j], frame(b),
+                                    lambda j: texts[j][b], image(b)) for b in range(shots[0].shape[0])]
+        return Context.stack(picked)
+
+
+def context_function(strategy: str, budget: int, memory: MemoryRule | None, codec: Codec,
+                     from_latents: bool) -> ContextFn:
+    """How generated shots become the next shot's context: their latent frames (`from_latents`) or pixel
+    frames re-encoded one at a time; by the ranked rules when `memory` is given."""
+    reencode = not from_latents
+    if memory is not None:
+        return RankedContext(memory, codec, reencode)
+    return ReencodedContext(codec, strategy, budget) if reencode else latent_context_fn(strategy, budget)
 
 
 def shots(output: list[dict]) -> list[ShotRollout]:
@@ -117,10 +163,11 @@ class SelfForcingGenerator(nn.Module):
 
     def forward(self, texts: Sequence[torch.Tensor], chunks: int, exit_step: int | None, height: int,
                 width: int, first_context: Context | None = None, context_fn: ContextFn | None = None,
-                generator: torch.Generator | None = None) -> list[dict]:
+                generator: torch.Generator | None = None, captions: Sequence[Sequence[str]] | None = None
+                ) -> list[dict]:
         """Roll out one shot per text [B, L, D]: the first conditioned on `first_context` or nothing;
         each later one on `context_fn` of the shots generated so far (global cache rebuilt, local cache
-        reset). Returns each shot's ShotRollout fields as a dict (`shots(...)` turns them back):
+        reset; `captions` [sample][shot] for the ranked rules). Returns each shot's ShotRollout fields as a dict (`shots(...)` turns them back):
         ZeRO-3 hooks backward onto the tensors of a module's output, which it finds in lists and dicts
         but not in dataclasses."""
         if len(texts) > 1 and context_fn is None:
@@ -129,7 +176,8 @@ class SelfForcingGenerator(nn.Module):
         out: list[ShotRollout] = []
         for k, text in enumerate(texts):
             text = text.to(stream.device, stream.dtype)
-            context = first_context if k == 0 else context_fn([s.x.detach() for s in out], [s.text for s in out])
+            context = first_context if k == 0 else context_fn([s.x.detach() for s in out], [s.text for s in out],
+                                                              captions=captions)
             if context is not None:
                 context = context.to(stream.device, stream.dtype)
             # agreed before any rank enters its context pass (whose gathers are collectives too)

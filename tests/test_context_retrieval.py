@@ -196,3 +196,25 @@ def test_generator_retrieval_is_bounded_and_equals_the_reference_pick(tmp_path):
     expected = torch.stack([shots[k][:, f] for k, f in (candidates[j] for j in retrieve(scores, 4))], dim=1)
     context = gen._context(prompt)
     assert torch.equal(context.latents[0], expected)
+
+
+def test_rollout_context_ranks_each_sample_by_its_own_captions():
+    """RankedContext (dmd_inter rollouts, multishot evals): per sample, the retrieval of its captions;
+    re-encoding through PatchCodec equals taking latent frames; no captions is a one-line error."""
+    from distill.rollout import RankedContext
+    from teacher.encoders import PatchCodec
+
+    rule = MemoryRule("retrieval", 2, OracleSimilarity(WORLD_TERMS))
+    shots = [torch.randn(2, 4, 3, 2, 2, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    texts = [torch.full((2, 5, 3), float(k)) for k in range(2)]
+    captions = [["the red circle", "the green square", "the red circle moves up"],
+                ["the red circle", "the green square", "the green square moves up"]]
+    context = RankedContext(rule)(shots, texts, captions)
+    # sample 0 asks for the red circle: shot 0's frames 0 and 2; sample 1 the green square: shot 1's
+    assert torch.equal(context.latents[0], shots[0][0][:, [0, 2]])
+    assert torch.equal(context.latents[1], shots[1][1][:, [0, 2]])
+    assert context.shots.tolist() == [[0, 0], [0, 0]] and context.texts[:, :, 0, 0].tolist() == [[0, 0], [1, 1]]
+    reencoded = RankedContext(rule, PatchCodec(1), reencode=True)(shots, texts, captions)
+    torch.testing.assert_close(reencoded.latents, context.latents)
+    with pytest.raises(ValueError, match="ranks history by the shots' captions"):
+        RankedContext(rule)(shots, texts)

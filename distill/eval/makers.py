@@ -134,7 +134,7 @@ class TeacherVideoMaker:
                                          for k in range(len(prompt.captions)))
         with torch.no_grad():
             for latents in teacher_shots(self.teacher, self.shape, self.sampler, self.negative, self.context_fn,
-                                         texts, gen):
+                                         texts, gen, [prompt.captions]):
                 shot = pixels_to_uint8(self.codec.decode(latents.float())[0]).cpu()
                 first = time.perf_counter() - start if first is None else first
                 frames.append(shot)
@@ -148,7 +148,8 @@ def load_teacher_maker(stage: str | Path, device: str | torch.device, dtype: str
     from distill.data.components import build_codec, build_text_encoder
     from distill.eval.multishot import guided_negative
     from distill.models import load_teacher
-    from distill.rollout import ReencodedContext, latent_context_fn
+    from distill.data.memory import memory_rule
+    from distill.rollout import context_function
     from distill import layout
 
     stage = Path(stage)
@@ -160,8 +161,7 @@ def load_teacher_maker(stage: str | Path, device: str | torch.device, dtype: str
     shape = (codec.channels, codec.latent_frames(cfg.data.shot_frames), cfg.data.height // codec.spatial_factor,
              cfg.data.width // codec.spatial_factor)
     rule = cfg.data.context
-    context_fn = latent_context_fn(rule.strategy, rule.budget) if codec.frames_are_latents \
-        else ReencodedContext(codec, rule.strategy, rule.budget)
+    context_fn = context_function(rule.strategy, rule.budget, memory_rule(cfg), codec, codec.frames_are_latents)
     negative = guided_negative(cfg, device, torch_dtype)
     return TeacherVideoMaker(teacher, codec, encoder, shape, cfg.sampler, negative, context_fn, torch_dtype,
                              float(cfg.data.fps), {"teacher": str(stage)}, cfg.text_encoder.caption_layout)

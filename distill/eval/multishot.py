@@ -11,7 +11,7 @@ probe (distill/eval/probes.py `multishot_colour`) scores these rollouts, the tea
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -27,8 +27,9 @@ Rollout = Callable[[list, torch.Generator], list]
 
 def student_rollout(student, chunks: int, height: int, width: int, context_fn: ContextFn) -> Rollout:
     generator = SelfForcingGenerator(student)
-    return lambda texts, gen: [s["x"] for s in generator(texts, chunks, None, height, width,
-                                                         context_fn=context_fn, generator=gen)]
+    return lambda texts, gen, captions=None: [s["x"] for s in generator(texts, chunks, None, height, width,
+                                                                        context_fn=context_fn, generator=gen,
+                                                                        captions=captions)]
 
 
 def guided_negative(cfg: DictConfig, device, dtype) -> torch.Tensor | None:
@@ -37,14 +38,15 @@ def guided_negative(cfg: DictConfig, device, dtype) -> torch.Tensor | None:
 
 
 def teacher_shots(teacher, shape: tuple, sampler: DictConfig, negative: torch.Tensor | None,
-                  context_fn: ContextFn, texts: Iterable[torch.Tensor], gen: torch.Generator) -> Iterator[torch.Tensor]:
+                  context_fn: ContextFn, texts: Iterable[torch.Tensor], gen: torch.Generator,
+                  captions: Sequence[Sequence[str]] | None = None) -> Iterator[torch.Tensor]:
     """The teacher's shots, each clean latents [1, C, F, h, w] yielded as soon as it is sampled; shot k
     is conditioned on `context_fn` of the shots before it. `texts` ([1, L, D] each) may be lazy, so a
     caller can time each shot from its caption's encoding; shape = (C, F, h, w) of one shot."""
     shots: list[torch.Tensor] = []
     seen: list[torch.Tensor] = []
     for text in texts:
-        context = context_fn(shots, seen)
+        context = context_fn(shots, seen, captions=captions)
         cond, uncond = denoisers(teacher, context and context.to(dtype=text.dtype), sampler.negative_scope)
         noise = draw_noise((1, *shape), gen, text.dtype, text.device)
         shot = sample(cond, text, noise, negative_text=negative, negative_denoiser=uncond,
@@ -57,4 +59,5 @@ def teacher_shots(teacher, shape: tuple, sampler: DictConfig, negative: torch.Te
 def teacher_rollout(teacher, shape: tuple, sampler: DictConfig, negative: torch.Tensor | None,
                     context_fn: ContextFn) -> Rollout:
     """The teacher's multi-shot rollout (`teacher_shots` to the end); shape = (C, F, h, w) of one shot."""
-    return lambda texts, gen: list(teacher_shots(teacher, shape, sampler, negative, context_fn, texts, gen))
+    return lambda texts, gen, captions=None: list(teacher_shots(teacher, shape, sampler, negative, context_fn, texts,
+                                                                gen, captions))

@@ -103,7 +103,8 @@ def multishot_colour(rollout: Rollout, prompts: PromptDataset, count: int, codec
     for i, weight in run.share(min(count, len(prompts))):
         item = prompts[i]
         texts = [t[None].to(run.device, dtype) for t in item["texts"]]
-        shots = rollout(texts, torch.Generator().manual_seed(derive_seed(run.seed, "multishot-probe", i)))
+        shots = rollout(texts, torch.Generator().manual_seed(derive_seed(run.seed, "multishot-probe", i)),
+                        [item["captions"]])
         for k, latents in enumerate(shots):
             frames = pixels_to_uint8(codec.decode(latents.float())[0].cpu())
             score = colour_consistency(frames, item["facts"], k)

@@ -45,7 +45,7 @@ from distill.ema import EMA
 from distill.logging import log_final
 from distill.models import load_stage_student, load_teacher, save_stage_student
 from distill.eval.media import MediaLog
-from distill.rollout import ReencodedContext, SelfForcingGenerator, draw_exit_step, latent_context_fn
+from distill.rollout import SelfForcingGenerator, context_function, draw_exit_step
 from distill.rollout import shots as rollout_shots
 from distill.trainer import TrainedModel, Trainer, place_frozen
 from student.context import Context, denoisers
@@ -142,9 +142,9 @@ class DMDStage:
         self.chunks = self.codec.latent_frames(longest) // chunk
         self.student_chunk = chunk
         s = student.settings
-        self.context_fn = latent_context_fn(s.context_strategy, s.context_frames) \
-            if self.cfg.dmd.context_from == "latents" else ReencodedContext(self.codec, s.context_strategy,
-                                                                             s.context_frames)
+        self.memory = MemoryRule.from_settings(s, device=self.env.device)  # None: a frame-count rule
+        self.context_fn = context_function(s.context_strategy, s.context_frames, self.memory, self.codec,
+                                           self.cfg.dmd.context_from == "latents")
 
     # ---- run ------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
@@ -220,8 +220,6 @@ class DMDStage:
         """The records' ground-truth history before `shot` (dmd_inter), picked by the student's rule."""
         data, s = self.prepared, self.trainer.engines["generator"].module.student.settings
         by_id = {r["id"]: r for r in data.records}
-        if not hasattr(self, "memory"):  # the ranked rules' scorer, loaded once (None: a frame-count rule)
-            self.memory = MemoryRule.from_settings(s, device=self.env.device)
         picked = [data.history(by_id[i], shot, s.context_strategy, s.context_frames, self.memory)
                   for i in batch["record"]]
         return None if picked[0] is None else Context.stack(picked)
@@ -242,7 +240,8 @@ class DMDStage:
         with torch.set_grad_enabled("generator" in due):
             chunks = self.chunks if self.inter else batch["latents"].shape[2] // self.student_chunk
             shots = rollout_shots(gen_engine(texts, chunks, exit_step, self.height, self.width,
-                                             first_context=first, context_fn=self.context_fn))
+                                             first_context=first, context_fn=self.context_fn,
+                                             captions=batch.get("captions")))
         timesteps = lambda b: draw_timesteps(b, dmd.timestep_shift, dmd.min_t, dmd.max_t, device=device)  # noqa: E731
         gen_losses, norms, critic_losses = [], [], []
         for k, shot in enumerate(shots):
