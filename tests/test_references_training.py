@@ -137,15 +137,17 @@ def test_crops_show_their_characters_colour(world):
     assert checked >= 6
 
 
-def test_a_training_context_lays_out_references_as_the_generator_does(world):
-    cfg = world["cfg"]
-    dataset = ShotDataset(world["on"], "dynamic", 4, references=(1.0, 2, 7))
+def _generator_layout_matches(world, folder, cfg):
+    """Every item of `folder` (references p = 1) against a StreamingGenerator given the same crops."""
+    from dataclasses import replace
+
+    dataset = ShotDataset(folder, "dynamic", 4, references=(1.0, 2, 7))
     codec, text = build_codec(cfg.codec), build_text_encoder(cfg.text_encoder)
     teacher = NextShotTeacher(make_tiny_wan(in_channels=codec.channels, out_channels=codec.channels,
                                             text_dim=text.dim))
     student = CausalStudent.from_teacher(teacher, chunk_frames=cfg.student.chunk_frames, context_frames=4)
+    student.settings = replace(student.settings, caption_layout=cfg.text_encoder.caption_layout)
     video = VideoSettings(cfg.data.height, cfg.data.width, cfg.data.fps, 9)
-    seen = 0
     for i, (r, target) in enumerate(dataset.items):
         rec, picks = dataset.data.records[r], dataset.reference_picks(i)
         assert picks, "p = 1 always includes references"
@@ -160,11 +162,21 @@ def test_a_training_context_lays_out_references_as_the_generator_does(world):
         torch.testing.assert_close(got.latents[:, :n], want.latents[0], rtol=0, atol=1e-6)
         torch.testing.assert_close(got.texts[:n], want.texts[0], rtol=0, atol=1e-6)
         # the history after them: picked with the budget the references leave, as the generator's is
-        history = ShotDataset(world["on"], "dynamic", 4 - n)[i]["context"]
+        history = ShotDataset(folder, "dynamic", 4 - n)[i]["context"]
         assert torch.equal(got.latents[:, n:], history.latents) and torch.equal(got.shots[n:], history.shots)
         assert got.frames == dataset.group(i)[0] <= 4 and gen.history_budget == 4 - n
-        seen += 1
-    assert seen == len(dataset)
+    return len(dataset)
+
+
+def test_a_training_context_lays_out_references_as_the_generator_does(world):
+    assert _generator_layout_matches(world, world["on"], world["cfg"]) >= 6
+
+
+def test_the_joint_caption_layout_matches_too(world, tmp_path):
+    cfg = load_recipe(default_recipe(), WORLD + ["data.context.references.p=1.0", "data.context.references.max=2",
+                                                 "text_encoder.caption_layout=joint"])
+    prepare(cfg, world["manifest"], tmp_path / "joint", progress=False)
+    assert _generator_layout_matches(world, tmp_path / "joint", cfg) >= 6
 
 
 def test_a_student_limit_keeps_the_references_and_the_newest_history(world):
