@@ -14,10 +14,12 @@ Rows (`--rows`; the paper's row names in brackets):
   run's dmd-inter;
 - Table 3, context sampling: context-first [First Only], context-first-last [First & Last],
   dynamic [Dynamic (Ours)] = the default run.
-- Memory options of other papers (issue 19; opt-in: `--rows context-noise negative-context references dpo
-  dynamic`, each against dynamic, the default run; no paper numbers beside them): context-noise
-  [FilmWeaver asymmetric noise], negative-context [FilmWeaver negative sampling] and references
-  [FilmWeaver multi-concept injection, trained for] retrain their pipelines;
+- Memory options of other papers (issue 19; opt-in: `--rows context-noise negative-context references
+  context-retrieval context-pack dpo dynamic`, each against dynamic, the default run; no paper numbers
+  beside them): context-noise [FilmWeaver asymmetric noise], negative-context [FilmWeaver negative
+  sampling], references [FilmWeaver multi-concept injection, trained for], context-retrieval [FilmWeaver
+  shot memory retrieval, oracle similarity] and context-pack [STAGE multi-shot memory pack] retrain
+  their pipelines;
   dpo [STAGE preference alignment] starts from hard links of the default run's prepare/ and teacher/,
   aligns the teacher (recipes/tiny/dpo.yaml) and distils from it.
 
@@ -116,6 +118,8 @@ RUNS = {
     "context-noise": RunSpec("recipes/tiny/ablations/context-noise.yaml"),
     "negative-context": RunSpec("recipes/tiny/ablations/negative-context.yaml"),
     "references": RunSpec("recipes/tiny/ablations/references.yaml"),
+    "context-retrieval": RunSpec("recipes/tiny/ablations/context-retrieval.yaml"),
+    "context-pack": RunSpec("recipes/tiny/ablations/context-pack.yaml"),
     # the default teacher, aligned: its prepare and teacher are the default run's own
     "dpo": RunSpec("recipes/tiny/ablations/dpo.yaml", "default", ("prepare", "teacher")),
 }
@@ -146,6 +150,8 @@ ROWS = (
     Row("context-noise", "FilmWeaver", "Asymmetric Noise", "context-noise", default=False),
     Row("negative-context", "FilmWeaver", "Negative Sampling", "negative-context", default=False),
     Row("references", "FilmWeaver", "Multi-Concept Injection", "references", default=False),
+    Row("context-retrieval", "FilmWeaver", "Shot Memory Retrieval", "context-retrieval", default=False),
+    Row("context-pack", "STAGE", "Multi-shot Memory Pack", "context-pack", default=False),
     Row("dpo", "STAGE", "Preference Alignment", "dpo", default=False),
 )
 

@@ -92,3 +92,26 @@ def test_generator_memory_pack_is_bounded_and_equals_the_reference_pack(tmp_path
     context = gen._context(prompt)
     assert context.frames == 2 and torch.equal(context.latents[0], expected)
     assert context.shots.tolist() == [[0, 0]]
+
+
+@pytest.mark.parametrize("recipe,strategy", [("context-retrieval", "retrieval"), ("context-pack", "memory_pack")])
+def test_ablation_recipes_plan_the_whole_pipeline_with_their_rule(recipe, strategy, tmp_path):
+    """The Table-3-style recipes are valid for every stage (keys each stage honours) and every stage of the
+    tree trains with the ranked rule; benchmarks/validity.py offers them as opt-in rows."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from distill.runner import _stages, plan
+
+    root = Path(__file__).parents[1]
+    planned = plan(root / "recipes" / "tiny" / "ablations" / f"{recipe}.yaml", [f"run.out={tmp_path}"])
+    stages = _stages(planned)
+    assert {n.folder for n in stages} >= {"prepare", "teacher", "ode-pairs", "causal-init", "dmd-intra", "dmd-inter"}
+    assert {n.cfg.data.context.strategy for n in stages} == {strategy}
+    spec = importlib.util.spec_from_file_location("validity_rows", root / "benchmarks" / "validity.py")
+    validity = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = validity  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(validity)
+    row = {r.key: r for r in validity.ROWS}[recipe]
+    assert not row.default and validity.RUNS[row.run].recipe.endswith(f"{recipe}.yaml")
