@@ -100,6 +100,8 @@ def persistent_bytes(gen: StreamingGenerator) -> int:
     held = gen.stream.cache.buffer.nbytes + sum(t.nbytes for lat, text in gen.references for t in (lat, text))
     for shot in gen.shots:
         held += sum(t.nbytes for t in shot.kept.values()) + (shot.text.nbytes if shot.text is not None else 0)
+        # ranked context rules (student/memory.py): the candidates' similarity features (clip: embeddings)
+        held += sum(f.nbytes for f in shot.features.values() if isinstance(f, torch.Tensor))
     return held
 
 
@@ -110,7 +112,7 @@ def shot_times(gen: StreamingGenerator, teacher, cfg, steps: int, guidance: floa
         gen.reset()
         for prompt in PROMPTS[:2]:
             list(gen.next_shot(prompt))
-        context = gen._context()
+        context = gen._context(PROMPTS[2])
         start = time.perf_counter()
         text = gen._model_text(PROMPTS[2]).unsqueeze(0)
         negative = gen._model_text(cfg.sampler.negative_prompt).unsqueeze(0)
