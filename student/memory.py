@@ -200,6 +200,9 @@ class MemoryRule:
     similarity: Any
     pack_frames: int = 2
     max_candidates: int = 64
+    # latents [C, h, w] -> pixels [3, H, W] of one frame: how a scorer that looks at images sees a history
+    # that only has latents (prepared data); None: callers give the pixels
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in RANKED:
@@ -259,6 +262,8 @@ class MemoryRule:
             return None
         images = None
         if self.similarity.needs_images:
+            if image is None and self.decode is not None:
+                image = lambda k, f: self.decode(frame(k, f))  # noqa: E731
             if image is None:
                 raise ValueError("data.context.similarity.kind clip needs frame pixels here; use oracle")
             images = torch.stack([image(k, f) for k, f in candidates])

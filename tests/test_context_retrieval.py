@@ -1,6 +1,8 @@
 """Protects the retrieval context strategy (student/memory.py): which frames are picked, oracle and CLIP
 scoring, the datasets' and the streaming generator's retrieved memory (bounded, equal to a reference pick)."""
 
+import json
+
 import pytest
 import torch
 from helpers import make_tiny_wan
@@ -8,7 +10,8 @@ from helpers import make_tiny_wan
 from distill.config import load_recipe
 from distill.data.components import synth_settings
 from distill.data.datasets import ShotDataset
-from distill.data.memory import WORLD_TERMS, memory_rule
+from distill.data.components import memory_rule
+from distill.data.memory import WORLD_TERMS
 from distill.data.synth import synthesize
 from distill.stages.prepare import prepare
 from launch.data import default_recipe
@@ -218,3 +221,40 @@ def test_rollout_context_ranks_each_sample_by_its_own_captions():
     torch.testing.assert_close(reencoded.latents, context.latents)
     with pytest.raises(ValueError, match="ranks history by the shots' captions"):
         RankedContext(rule)(shots, texts)
+
+
+def test_clip_scores_prepared_latents_through_the_codec(prepared, tmp_path):
+    """memory_rule with a clip scorer decodes prepared latents (PatchCodec here) to rank them."""
+    folder = _tiny_clip(tmp_path / "clip")
+    cfg = load_recipe(default_recipe(), WORLD + ["data.context.strategy=retrieval", "data.context.budget=2",
+                                                 "data.context.similarity.kind=clip",
+                                                 f"data.context.similarity.path={folder}"])
+    rule = memory_rule(cfg)
+    ds = ShotDataset(prepared, "retrieval", 2, memory=rule)
+    i = next(i for i, (_, target) in enumerate(ds.items) if target == 2)
+    rec = ds.data.records[ds.items[i][0]]
+    candidates = memory_candidates(rec["shot_frames"][:2], 2, cfg.data.context.max_candidates)
+    latents = [ds.data.context_frame(rec, k, f) for k, f in candidates]
+    pixels = torch.stack([rule.decode(x) for x in latents])
+    assert pixels.shape == (len(candidates), 3, cfg.data.height, cfg.data.width)
+    scores = rule.similarity.scores(rec["captions"][2], rule.similarity.features([""] * len(candidates), pixels))
+    expected = torch.stack([latents[j] for j in retrieve(scores, 2)], dim=1)
+    assert torch.equal(ds[i]["context"].latents, expected)
+
+
+def test_generator_clip_retrieval_equals_the_reference_pick(tmp_path):
+    """The generator scores its own decoded frames with a CLIP folder (features kept per candidate)."""
+    folder = _tiny_clip(tmp_path / "clip")
+    export = memory_export(tmp_path, "retrieval", max_candidates=4)
+    info = json.loads((export / "generator.json").read_text())  # the student settings a clip recipe would save
+    info["student"].update(similarity="clip", similarity_path=str(folder), similarity_terms=[])
+    (export / "generator.json").write_text(json.dumps(info))
+    gen = StreamingGenerator.from_export(export, seed=1)
+    shots = recorded_run(gen, PROMPTS[:4])
+    assert gen.kept_tensors() <= 4 * 2 + 2
+    candidates = memory_candidates([s.shape[1] for s in shots], 4, 4)
+    pixels = torch.stack([gen.codec.decode(shots[k][None])[0][:, f] for k, f in candidates])
+    clip = ClipSimilarity.from_pretrained(folder)
+    scores = clip.scores("the red circle", clip.features([""] * len(candidates), pixels))
+    expected = torch.stack([shots[k][:, f] for k, f in (candidates[j] for j in retrieve(scores, 4))], dim=1)
+    assert torch.equal(gen._context("the red circle").latents[0], expected)

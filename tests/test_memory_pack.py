@@ -7,7 +7,8 @@ from test_context_retrieval import PROMPTS, WORLD, memory_export, prepared, reco
 
 from distill.config import load_recipe
 from distill.data.datasets import ShotDataset
-from distill.data.memory import WORLD_TERMS, memory_rule
+from distill.data.components import memory_rule
+from distill.data.memory import WORLD_TERMS
 from launch.data import default_recipe
 from student.generator import StreamingGenerator
 from student.memory import MemoryRule, OracleSimilarity, Tile, memory_candidates, pack, pack_layout, rank

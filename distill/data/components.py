@@ -15,8 +15,10 @@ from distill import layout
 from distill.data.datasets import PromptDataset, ShotDataset
 from distill.data.stream import DataStream
 from distill.data.synth import SynthSettings
-from distill.data.memory import memory_rule
+from distill.data.memory import memory_settings
 from distill.data.world import grammar_texts
+from student.memory import MemoryRule, similarity_from
+from teacher.context import RANKED
 from teacher.encoders import (DTYPES, Codec, PatchCodec, T5TextEncoder, WanVAECodec, build_tiny_t5,
                               vocabulary_of)
 
@@ -35,6 +37,21 @@ def build_codec(codec: DictConfig, device: str | torch.device = "cpu") -> Codec:
     if not codec.path:
         raise ValueError("codec.path: the Wan VAE folder is required when codec.kind is 'wan'")
     return WanVAECodec.from_pretrained(codec.path, device=device, dtype=DTYPES[codec.dtype])
+
+
+def memory_rule(cfg: DictConfig) -> MemoryRule | None:
+    """The recipe's ranked context rule (data.context, student/memory.py), or None for the frame-count
+    strategies (dynamic, first, first_last). A clip scorer sees prepared latents through the codec."""
+    c = cfg.data.context
+    if c.strategy not in RANKED:
+        return None
+    s = memory_settings(cfg)
+    scorer = similarity_from(s["similarity"], s["similarity_path"], s["similarity_terms"])
+    decode = None
+    if scorer.needs_images:
+        codec = build_codec(cfg.codec)
+        decode = lambda latents: codec.decode(latents[None, :, None].float())[0, :, 0]  # noqa: E731
+    return MemoryRule(c.strategy, c.budget, scorer, c.pack_frames, c.max_candidates, decode)
 
 
 def build_text_encoder(text: DictConfig, device: str | torch.device = "cpu") -> T5TextEncoder:

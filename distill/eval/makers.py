@@ -145,10 +145,9 @@ class TeacherVideoMaker:
 def load_teacher_maker(stage: str | Path, device: str | torch.device, dtype: str) -> TeacherVideoMaker:
     """The teacher of a finished teacher stage folder, in `dtype` (a recipe dtype name), ready to make videos."""
     from distill.config import load_recipe
-    from distill.data.components import build_codec, build_text_encoder
+    from distill.data.components import build_codec, build_text_encoder, memory_rule
     from distill.eval.multishot import guided_negative
     from distill.models import load_teacher
-    from distill.data.memory import memory_rule
     from distill.rollout import context_function
     from distill import layout
 

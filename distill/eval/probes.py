@@ -26,8 +26,7 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig
 
-from distill.data.components import build_codec, prepared_dir
-from distill.data.memory import memory_rule
+from distill.data.components import build_codec, memory_rule, prepared_dir
 from distill.data.datasets import PromptDataset, ShotDataset
 from distill.eval.metrics import colour_consistency
 from distill.eval.multishot import Rollout, guided_negative

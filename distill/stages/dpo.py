@@ -17,8 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from distill import keys, layout
-from distill.data.components import prepared_dir
-from distill.data.memory import memory_rule
+from distill.data.components import memory_rule, prepared_dir
 from distill.data.preference import PreferenceDataset, check_sources
 from distill.data.stream import DataStream
 from distill.dpo import dpo_loss

@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from distill.data.components import negative_text, prepared_dir
-from distill.data.memory import memory_rule
+from distill.data.components import memory_rule, negative_text, prepared_dir
 from distill.data.datasets import ShotDataset
 from distill import keys, layout
 from distill.data.shards import INDEX, read_json, shard_name, shard_problem, write_json, write_shard
