@@ -167,8 +167,8 @@ class SelfForcingGenerator(nn.Module):
                 ) -> list[dict]:
         """Roll out one shot per text [B, L, D]: the first conditioned on `first_context` or nothing;
         each later one on `context_fn` of the shots generated so far (global cache rebuilt, local cache
-        reset; `captions` [sample][shot] for the ranked rules). Returns each shot's ShotRollout fields as a dict (`shots(...)` turns them back):
-        ZeRO-3 hooks backward onto the tensors of a module's output, which it finds in lists and dicts
+        reset; `captions` [sample][shot] for the ranked rules). Returns each shot's ShotRollout fields
+        as a dict (`shots(...)` turns them back): ZeRO-3 hooks backward onto the tensors of a module's output, which it finds in lists and dicts
         but not in dataclasses."""
         if len(texts) > 1 and context_fn is None:
             raise ValueError("a multi-shot rollout needs a context_fn to rebuild the global cache")

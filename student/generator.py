@@ -24,6 +24,12 @@ gives old shots fewer frames as history grows, never more), so memory and time p
 bounded however many shots are generated. When the rule picks more frames than the global cache
 holds ("first"/"first_last" over a long history) the most recent ones are kept.
 
+Ranked memory (`retrieval`, `memory_pack`; student/memory.py): each finished shot keeps its `budget`
+evenly spaced candidate frames with their similarity features (oracle: the caption's world terms; clip:
+image embeddings of the decoded frames), only the newest `max_candidates` over the stream, so memory
+and time per chunk stay flat once that pool is full; every shot start scores the pool against the new
+prompt and picks (or packs) as training did.
+
 Shot positions: the picked shots are numbered 0, 1, … in time order and the new shot gets the next
 number. While every finished shot is picked (always, for histories up to the budget under the
 dynamic rule) this is exactly the shot index used in training; beyond that the shot-RoPE offsets
