@@ -141,7 +141,9 @@ def check_sources(path: Path, cfg: DictConfig, cls: type, folder: str, needs: di
         state = "was built with" if theirs is not needs[name] else "is planned with"
         for prefix in prefixes:
             planned = _leaves(cfg, prefix)
-            for leaf, other, mine in [d for d in differences(_leaves(theirs, prefix), planned) if d[0] in planned][:1]:
+            changed = [d for d in differences(_leaves(theirs, prefix), planned)
+                       if d[0] in planned and not _added_default(*d)]  # a key added since, at its default
+            for leaf, other, mine in changed[:1]:
                 raise ConfigError(f"{path}: {leaf}={mine!r} cannot take effect in stage {folder}: "
                                   f"its input {key}={name!r} {state} {other!r}")
 

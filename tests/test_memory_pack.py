@@ -116,3 +116,27 @@ def test_ablation_recipes_plan_the_whole_pipeline_with_their_rule(recipe, strate
     spec.loader.exec_module(validity)
     row = {r.key: r for r in validity.ROWS}[recipe]
     assert not row.default and validity.RUNS[row.run].recipe.endswith(f"{recipe}.yaml")
+
+
+def test_an_input_built_before_the_memory_keys_existed_still_serves(tmp_path):
+    """A finished causal-init recorded before data.context.similarity / pack_frames / max_candidates existed
+    serves dmd-intra at their defaults, and refuses a ranked rule it was not built with."""
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from distill.config import ConfigError, to_yaml
+    from distill.runner import plan
+
+    tiny = Path(__file__).parents[1] / "recipes" / "tiny"
+    run = tmp_path / "tiny" / "causal-init"
+    run.mkdir(parents=True)
+    built = OmegaConf.to_container(plan(tiny / "causal-init.yaml", [f"run.out={tmp_path}"]).cfg)
+    for key in ("similarity", "pack_frames", "max_candidates"):
+        del built["data"]["context"][key]  # as recorded before the keys existed
+    (run / "config.yaml").write_text(to_yaml(OmegaConf.create(built)))
+    (run / "DONE").write_text(json.dumps({"metrics": {}, "produces": "student"}))
+    plan(tiny / "dmd-intra.yaml", [f"run.out={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"data.context.pack_frames=3 cannot take effect in stage dmd-intra"):
+        plan(tiny / "dmd-intra.yaml", [f"run.out={tmp_path}", "data.context.pack_frames=3"])
