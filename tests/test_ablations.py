@@ -19,6 +19,15 @@ SHARED_STAGE = {"stage1-only.yaml": "dmd-intra"}
 
 
 @pytest.fixture(scope="module", autouse=True)
+def away_from_runs(tmp_path_factory):
+    """Plan from an empty folder: run.out is relative, and the planner checks finished stages it finds
+    there (a developer's own runs/ would make these tests depend on what they last trained)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("plans"))
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
 def loaded_once():
     """A planned tree loads a shared need (teacher.yaml, prepare.yaml) once per path that reaches it;
     the same (recipe, overrides) resolves to the same config, so the test loads each only once."""
