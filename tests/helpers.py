@@ -145,3 +145,46 @@ class RunningServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class Recorder(torch.nn.Module):
+    """Calls the wrapped model and keeps the arguments of its last call (what a stage fed its engine)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+        return self.module(*args, **kwargs)
+
+
+def assert_stream_resumes(make_stream, same) -> list:
+    """A DataStream restored from the state it had after 3 batches continues with exactly the batches an
+    uninterrupted stream gives (`same(got, want)` compares two); returns the uninterrupted batches (2 epochs)."""
+    first = make_stream()
+    batches = [next(first) for _ in range(2 * len(first.dataset))]
+    again = make_stream()
+    for _ in range(3):
+        next(again)
+    resumed = make_stream()
+    resumed.load_state_dict(again.state_dict())
+    for want in batches[3:]:
+        same(next(resumed), want)
+    return batches
+
+
+def make_prepared(root: Path, *overrides: str) -> Path:
+    """Shards of a small synthetic world prepared by the default recipe (4 videos of 2+ shots of 8-9
+    frames, world seed 2, plus `overrides`) under root/out; the world's videos under root/world."""
+    from distill.config import load_recipe
+    from distill.data.components import synth_settings
+    from distill.data.synth import synthesize
+    from distill.stages.prepare import prepare
+    from launch.data import default_recipe
+
+    cfg = load_recipe(default_recipe(), ["data.synth.videos=4", "data.synth.seed=2", "data.synth.min_shots=2",
+                                         "data.synth.min_frames=8", "data.synth.max_frames=9",
+                                         "logging.progress=false", *overrides])
+    prepare(cfg, synthesize(root / "world", synth_settings(cfg.data.synth)), root / "out", progress=False)
+    return root / "out"

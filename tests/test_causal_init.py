@@ -14,6 +14,7 @@ import torch
 from student.context import Context
 
 from conftest import REPO, shotdistill
+from helpers import Recorder
 from distill import checkpoint
 from distill.config import load_recipe
 from distill.logging import read_scalars
@@ -47,15 +48,6 @@ def test_each_chunk_takes_its_own_trajectory_index():
     with pytest.raises(ValueError, match="ODE pairs have 6 target frames, not a whole number of 4-frame chunks"):
         chunk_inputs(trajectory, timesteps, 4)
 
-
-class Recorder(torch.nn.Module):
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-        return self.module(*args, **kwargs)
 
 
 def test_a_chunk_may_draw_the_clean_level():

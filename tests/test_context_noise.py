@@ -19,7 +19,7 @@ from teacher.flow import add_noise, velocity_target
 from teacher.model import NextShotTeacher
 
 from conftest import REPO
-from helpers import make_tiny_wan
+from helpers import Recorder, make_tiny_wan
 
 TINY_TEACHER = REPO / "recipes" / "tiny" / "teacher.yaml"
 
@@ -84,15 +84,6 @@ def test_the_teacher_runs_noised_frames_at_their_timesteps():
                                          r"\[B, Fc\] for context \[2, 4, 3, 4, 4\]"):
         teacher(x, t, text, context=context, context_timesteps=torch.zeros(2, 2))
 
-
-class Recorder(torch.nn.Module):
-    def __init__(self, teacher):
-        super().__init__()
-        self.module = teacher
-
-    def forward(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-        return self.module(*args, **kwargs)
 
 
 def _teacher_stage(span: str, monkeypatch):

@@ -13,17 +13,13 @@ from safetensors.torch import load_file
 
 import distill.stages.dpo as dpo_stage
 from distill import checkpoint
-from distill.config import load_recipe
-from distill.data.components import synth_settings
 from distill.data.preference import PreferenceDataset, check_sources
-from distill.data.synth import synthesize
 from distill.dpo import dpo_loss, velocity_errors
 from distill.logging import read_scalars
 from distill.runner import run_recipe
-from distill.stages.prepare import prepare
-from launch.data import default_recipe
 
 from conftest import REPO, write_recipe
+from helpers import make_prepared
 
 TINY = REPO / "recipes" / "tiny"
 
@@ -101,12 +97,7 @@ def test_pair_sources_are_checked():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    cfg = load_recipe(default_recipe(), ["data.synth.videos=4", "data.synth.seed=2", "data.synth.min_shots=2",
-                                         "data.synth.min_frames=8", "data.synth.max_frames=9",
-                                         "logging.progress=false"])
-    prepare(cfg, synthesize(root / "world", synth_settings(cfg.data.synth)), root / "out", progress=False)
-    return root / "out"
+    return make_prepared(tmp_path_factory.mktemp("pairs"))
 
 
 @pytest.mark.parametrize("source", ["other_record", "wrong_shot"])

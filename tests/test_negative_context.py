@@ -8,15 +8,11 @@ import math
 import pytest
 import torch
 
-from distill.config import load_recipe
-from distill.data.components import synth_settings
 from distill.data.datasets import ShotDataset
 from distill.data.negatives import check_negative, insert_shot, pick_negative
 from distill.data.stream import DataStream
-from distill.data.synth import synthesize
-from distill.stages.prepare import prepare
-from launch.data import default_recipe
 from student.context import Context
+from helpers import assert_stream_resumes, make_prepared
 
 # 40 records of 1-4 shots of 3-8 frames: the frames each shot can give as context
 POOLS = [[list(range(3 + (r + k) % 6)) for k in range(1 + r % 4)] for r in range(40)]
@@ -70,12 +66,7 @@ def test_bad_keys_are_named(p, frames, key):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("neg")
-    cfg = load_recipe(default_recipe(), ["data.synth.videos=4", "data.synth.seed=2", "data.synth.min_shots=2",
-                                         "data.synth.min_frames=8", "data.synth.max_frames=9",
-                                         "logging.progress=false"])
-    prepare(cfg, synthesize(root / "world", synth_settings(cfg.data.synth)), root / "out", progress=False)
-    return root / "out"
+    return make_prepared(tmp_path_factory.mktemp("neg"))
 
 
 def test_a_mixed_sample_holds_the_other_records_frames_and_text(folder):
@@ -105,16 +96,11 @@ def test_a_stream_mixes_the_same_after_resume_and_anew_each_epoch(folder):
     def stream():
         return DataStream(ShotDataset(folder, "dynamic", 3, negative=(0.5, 1, 7)), 1, seed=7)
 
-    first = stream()
-    batches = [next(first) for _ in range(2 * len(first.dataset))]
-    again = stream()
-    for _ in range(3):
-        next(again)
-    resumed = stream()
-    resumed.load_state_dict(again.state_dict())
-    for want in batches[3:]:
-        got = next(resumed)
+    def same(got, want):
         assert got["record"] == want["record"] and torch.equal(got["context"].latents, want["context"].latents)
-    n = len(first.dataset)
-    picks = lambda e: [first.dataset.negative_shot(i) for i in range(n)] if not first.dataset.set_epoch(e) else None  # noqa: E731
+
+    assert_stream_resumes(stream, same)
+    dataset = stream().dataset
+    n = len(dataset)
+    picks = lambda e: [dataset.negative_shot(i) for i in range(n)] if not dataset.set_epoch(e) else None  # noqa: E731
     assert picks(0) != picks(1)

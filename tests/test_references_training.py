@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import make_tiny_export, make_tiny_wan
+from helpers import assert_stream_resumes, make_tiny_export, make_tiny_wan
 from PIL import Image
 
 from distill.config import load_recipe
@@ -236,18 +236,12 @@ def test_a_stream_includes_the_same_after_resume_and_anew_each_epoch(world):
     def stream():
         return DataStream(ShotDataset(world["on"], "dynamic", 3, references=(0.5, 2, 7)), 1, seed=7)
 
-    first = stream()
-    batches = [next(first) for _ in range(2 * len(first.dataset))]
-    again = stream()
-    for _ in range(3):
-        next(again)
-    resumed = stream()
-    resumed.load_state_dict(again.state_dict())
-    for want in batches[3:]:
-        got = next(resumed)
+    def same(got, want):
         assert got["record"] == want["record"] and torch.equal(got["context"].shots, want["context"].shots)
         assert torch.equal(got["context"].latents, want["context"].latents)
-    dataset = first.dataset
+
+    assert_stream_resumes(stream, same)
+    dataset = stream().dataset
     picks = []
     for epoch in (0, 1):
         dataset.set_epoch(epoch)

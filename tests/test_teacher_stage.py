@@ -20,7 +20,7 @@ from distill.stages.teacher import StratifiedTimesteps, TeacherStage, trainable_
 from teacher.flow import add_noise, shift_timestep, velocity_target
 
 from conftest import REPO, shotdistill
-from helpers import make_tiny_wan
+from helpers import Recorder, make_tiny_wan
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 TINY_TEACHER = REPO / "recipes" / "tiny" / "teacher.yaml"
@@ -131,17 +131,6 @@ def test_timesteps_are_stratified_and_bucketed():
     assert strata.record(1, torch.tensor([0]), torch.tensor([3.0]))["loss_t0-500"] == 2.0
     assert strata.record(2, torch.tensor([3]), torch.tensor([5.0])) == {"loss_t900-1000": 5.0}
 
-
-class Recorder(torch.nn.Module):
-    """Calls the teacher and keeps the arguments of the last call."""
-
-    def __init__(self, teacher):
-        super().__init__()
-        self.module = teacher
-
-    def forward(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-        return self.module(*args, **kwargs)
 
 
 def _stage(dropout: float):
