@@ -174,17 +174,20 @@ def assert_stream_resumes(make_stream, same) -> list:
     return batches
 
 
-def make_prepared(root: Path, *overrides: str) -> Path:
-    """Shards of a small synthetic world prepared by the default recipe (4 videos of 2+ shots of 8-9
-    frames, world seed 2, plus `overrides`) under root/out; the world's videos under root/world."""
+# a small synthetic world: 4 videos of 2+ shots of 8-9 frames, world seed 2
+SMALL_WORLD = ("data.synth.videos=4", "data.synth.seed=2", "data.synth.min_shots=2", "data.synth.min_frames=8",
+               "data.synth.max_frames=9", "logging.progress=false")
+
+
+def make_prepared(root: Path, overrides=SMALL_WORLD) -> Path:
+    """Shards of the synthetic world the default recipe with `overrides` describes, prepared under
+    root/out (the world's videos under root/world)."""
     from distill.config import load_recipe
     from distill.data.components import synth_settings
     from distill.data.synth import synthesize
     from distill.stages.prepare import prepare
     from launch.data import default_recipe
 
-    cfg = load_recipe(default_recipe(), ["data.synth.videos=4", "data.synth.seed=2", "data.synth.min_shots=2",
-                                         "data.synth.min_frames=8", "data.synth.max_frames=9",
-                                         "logging.progress=false", *overrides])
+    cfg = load_recipe(default_recipe(), list(overrides))
     prepare(cfg, synthesize(root / "world", synth_settings(cfg.data.synth)), root / "out", progress=False)
     return root / "out"

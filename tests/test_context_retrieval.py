@@ -5,15 +5,12 @@ import json
 
 import pytest
 import torch
-from helpers import make_tiny_wan
+from helpers import make_prepared, make_tiny_wan
 
 from distill.config import load_recipe
-from distill.data.components import synth_settings
 from distill.data.datasets import ShotDataset
 from distill.data.components import memory_rule
 from distill.data.memory import WORLD_TERMS
-from distill.data.synth import synthesize
-from distill.stages.prepare import prepare
 from launch.data import default_recipe
 from student.export import save_student
 from student.generator import StreamingGenerator
@@ -117,11 +114,7 @@ WORLD = ["data.synth.videos=3", "data.synth.seed=2", "data.synth.min_shots=4", "
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("retrieval")
-    cfg = load_recipe(default_recipe(), WORLD)
-    manifest = synthesize(root / "world", synth_settings(cfg.data.synth))
-    prepare(cfg, manifest, root / "out", progress=False)
-    return root / "out"
+    return make_prepared(tmp_path_factory.mktemp("retrieval"), WORLD)
 
 
 def test_dataset_context_is_the_oracle_retrieval(prepared):

@@ -7,14 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from distill.config import load_recipe
-from distill.data.components import synth_settings
 from distill.data.datasets import PromptDataset, ShotDataset
 from distill.data.stream import DataStream, epoch_batches
-from distill.data.synth import synthesize
 from distill.stages.prepare import prepare
 from launch.data import default_recipe
 from teacher.context import candidate_frames, sample_context
 from teacher.encoders import join_text
+
+from helpers import make_prepared
 
 TINY = ["data.synth.videos=4", "data.synth.seed=2", "data.synth.min_shots=3", "data.synth.min_frames=9",
         "data.synth.max_frames=13",
@@ -23,11 +23,7 @@ TINY = ["data.synth.videos=4", "data.synth.seed=2", "data.synth.min_shots=3", "d
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds")
-    cfg = load_recipe(default_recipe(), TINY)
-    manifest = synthesize(root / "world", synth_settings(cfg.data.synth))
-    prepare(cfg, manifest, root / "out", progress=False)
-    return root / "out"
+    return make_prepared(tmp_path_factory.mktemp("ds"), TINY)
 
 
 def _shard(folder, ds, record_index):
