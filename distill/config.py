@@ -304,6 +304,9 @@ class StudentConfig:
                             "(ShotStream: 3)")
     local_chunks: int = key(_STUDENT.local_chunks, "chunks of the current shot in the local KV cache; training "
                             "attends to local_chunks + 1 chunks, what the cache holds at inference")
+    local_compression: List[int] = key(_STUDENT.local_compression, "compressed local memory (FilmWeaver): a "
+                                       "spatial pooling kernel per past local chunk, newest first, each dividing the "
+                                       "next (e.g. [1, 2, 4]: whole, x4, x16 fewer tokens); [] keeps them whole")
     indicator: str = choice("auto", ("auto", "rope_offset", "learnable", "none"),
                             "shot-boundary indicator (student/model.py); auto follows teacher.positions")
     denoising_steps: List[float] = key(_STUDENT.denoising_steps, "the student's few-step timesteps, before "

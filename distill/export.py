@@ -110,6 +110,8 @@ def _settings_table(stage: Path, torch_dtype) -> str:
     rows = {
         "chunk_frames (latent frames per chunk)": s["chunk_frames"],
         "local_chunks (local cache, chunks)": s["local_chunks"],
+        "local compression (pooling kernel per past chunk, newest first)": (
+            ", ".join(str(k) for k in s.get("local_compression", [])) or "none"),
         "context_frames (global cache, frames)": f"{s['context_frames']} ({s['context_strategy']} context rule)",
         "indicator (shot boundary)": s["indicator"] + (f", theta {s['theta']:.4g}" if s["indicator"] == "rope_offset"
                                                        else ""),

@@ -285,7 +285,9 @@ def stage_activations(cfg: DictConfig, g: Geometry) -> Activations:
         shots = cfg.dmd.shots if kind == "dmd_inter" else 1
         chunks = g.target_frames // g.chunk_frames
         chunk = g.chunk_frames * g.frame_tokens
-        cached = (g.context_frames + cfg.student.local_chunks * g.chunk_frames + g.chunk_frames) * g.frame_tokens
+        kernels = list(cfg.student.local_compression) or [1] * cfg.student.local_chunks
+        local = sum(chunk // (k * k) for k in kernels)  # the local history, pooled by age when compressed
+        cached = (g.context_frames + g.chunk_frames) * g.frame_tokens + local
         kv = cached * g.layers * 4 * g.width  # the rollout's KV cache: K and V, bf16, every block
         critic = g.sequence
         ckpt = batch * (shots * chunks * g.inputs(chunk) + shots * g.inputs(critic) + kv) + g.block(batch * critic)

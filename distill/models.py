@@ -134,7 +134,8 @@ def check_student_keys(cfg: DictConfig) -> None:
     if s.shift <= 0:
         raise ValueError(f"student.shift must be > 0, got {s.shift}")
     StudentSettings(chunk_frames=s.chunk_frames, local_chunks=s.local_chunks,
-                    denoising_steps=list(s.denoising_steps), shift=s.shift).check()
+                    local_compression=list(s.local_compression), denoising_steps=list(s.denoising_steps),
+                    shift=s.shift).check()
 
 
 def build_student(cfg: DictConfig, teacher: NextShotTeacher) -> CausalStudent:
@@ -145,6 +146,7 @@ def build_student(cfg: DictConfig, teacher: NextShotTeacher) -> CausalStudent:
     student = CausalStudent.from_teacher(
         teacher, chunk_frames=s.chunk_frames, copy=False,
         indicator=None if s.indicator == "auto" else s.indicator, local_chunks=s.local_chunks,
+        local_compression=list(s.local_compression),
         context_frames=cfg.data.context.budget, context_strategy=cfg.data.context.strategy,
         denoising_steps=list(s.denoising_steps), shift=s.shift, caption_layout=cfg.text_encoder.caption_layout,
         **memory_settings(cfg))

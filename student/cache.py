@@ -19,6 +19,17 @@ indices written with `index_copy_`, and the pass attends to the whole buffer wit
 length grows over the first chunks and with the context. The visible keys are the same, so the
 result equals the sliced pass up to the order of the softmax sums.
 
+Compressed local memory (`kernels`, student/compression.py): the local cache keeps past chunks
+pooled by age instead of whole in a ring. The buffer is then laid out as
+
+    [ unused | local history (pooled, newest first) | global (context frames) | current chunk ]
+
+where the history is right-aligned against the context, which is right-aligned against the one
+chunk slot: the keys a pass attends to are again one contiguous slice. When a chunk commits, the
+history is rebuilt (the new chunk pooled, older ones pooled on to their next age's kernel, the
+oldest dropped) and written back in place; its size is bounded by the kernels, so memory and time
+per chunk stay flat.
+
 Autograd policy:
 - detached (default): the buffer never carries a graph. Writing a key that requires grad raises,
   because in-place overwrites of tensors saved for backward (and history kept by a `no_grad` write)
@@ -36,6 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
+from student.compression import age, check_grid, pooled_tokens
+
 
 @dataclass(frozen=True)
 class CacheShape:
@@ -49,6 +62,8 @@ class CacheShape:
     chunk_frames: int
     global_frames: int
     local_chunks: int
+    kernels: tuple[int, ...] = ()  # compressed local memory: pooling kernel per past chunk, newest first
+    grid: tuple[int, int] = (0, 0)  # a latent frame's token grid (height, width), what the kernels pool
 
     @property
     def chunk_tokens(self) -> int:
@@ -60,7 +75,16 @@ class CacheShape:
 
     @property
     def ring_slots(self) -> int:
-        return self.local_chunks + 1
+        return 1 if self.kernels else self.local_chunks + 1
+
+    def history_tokens(self, chunks: int) -> int:
+        """Tokens of the compressed history after `chunks` commits (0 without compression)."""
+        return sum(pooled_tokens(self.chunk_tokens, k) for k in self.kernels[:chunks])
+
+    @property
+    def start(self) -> int:
+        """Buffer position where the context ends and the chunk slots begin."""
+        return self.history_tokens(len(self.kernels)) + self.global_tokens
 
 
 class _Writer:
@@ -108,8 +132,10 @@ class KVCache:
                  keep_graph: bool = False) -> None:
         if shape.local_chunks < 0 or shape.global_frames < 0 or shape.chunk_frames < 1:
             raise ValueError(f"cache sizes must be non-negative (chunk_frames >= 1); got {shape}")
+        if shape.kernels:
+            check_grid(shape.kernels, shape.grid)
         self.shape, self.keep_graph = shape, keep_graph
-        tokens = shape.global_tokens + shape.ring_slots * shape.chunk_tokens
+        tokens = shape.start + shape.ring_slots * shape.chunk_tokens
         self.buffer = None if keep_graph else torch.zeros(
             shape.layers, 2, shape.batch, tokens, shape.heads, shape.head_dim, dtype=dtype, device=device)
         self.global_len = 0  # tokens of the current context
@@ -139,6 +165,8 @@ class KVCache:
             return
         if writer.kind == "chunk":
             self.chunks += 1
+            if self.shape.kernels and self.buffer is not None:
+                self._age_buffer()
         if self.buffer is not None or (writer.kind == "global" and not self.global_len):
             return
         if len(writer.recorded) != self.shape.layers:
@@ -146,6 +174,11 @@ class KVCache:
         kv = [writer.recorded[layer] for layer in range(self.shape.layers)]
         if writer.kind == "global":
             self.global_kv = kv
+        elif self.shape.kernels:  # newest first, each layer's (k, v) aged together
+            aged = [age([c[layer][i] for c in self.local_kv], kv[layer][i], self.shape.kernels, self.shape.grid)
+                    for layer in range(self.shape.layers) for i in (0, 1)]
+            self.local_kv = [[(aged[2 * layer][j], aged[2 * layer + 1][j]) for layer in range(self.shape.layers)]
+                             for j in range(len(aged[0]))]
         else:
             self.local_kv = (self.local_kv + [kv])[-self.shape.local_chunks:] if self.shape.local_chunks else []
 
@@ -156,19 +189,18 @@ class KVCache:
         by `finish_fixed(commit=True)`."""
         if self.buffer is None:
             raise RuntimeError("fixed-shape passes need the detached cache (keep_graph=False)")
-        shape, start = self.shape, self.shape.global_tokens
-        slot = self.chunks % shape.ring_slots
-        lo = start + slot * shape.chunk_tokens
+        begin, lo, end = self._span()
         device = self.buffer.device
-        index = torch.arange(lo, lo + shape.chunk_tokens, device=device)
-        visible_end = start + min(self.chunks + 1, shape.ring_slots) * shape.chunk_tokens
+        index = torch.arange(lo, lo + self.shape.chunk_tokens, device=device)
         tokens = torch.arange(self.buffer.shape[3], device=device)
-        return index, (tokens >= start - self.global_len) & (tokens < visible_end)
+        return index, (tokens >= begin) & (tokens < end)
 
     def finish_fixed(self, commit: bool) -> None:
         """After a fixed-shape chunk pass: a committing one keeps its chunk (its K/V are in place)."""
         if commit:
             self.chunks += 1
+            if self.shape.kernels:
+                self._age_buffer()
 
     def reset(self) -> None:
         """Forget everything (a new stream); the buffer is kept."""
@@ -187,21 +219,41 @@ class KVCache:
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             raise RuntimeError("the detached KV cache cannot carry gradient; build it with keep_graph=True "
                                "or run the pass under torch.no_grad()")
-        shape, start = self.shape, self.shape.global_tokens
-        begin = start - self.global_len
         if kind == "global":
-            end = start
+            begin, end = self.shape.start - self.global_len, self.shape.start
             self.buffer[layer, 0, :, begin:end].copy_(k)
             self.buffer[layer, 1, :, begin:end].copy_(v)
         else:
-            slot = self.chunks % shape.ring_slots
-            lo = start + slot * shape.chunk_tokens
-            self.buffer[layer, 0, :, lo:lo + shape.chunk_tokens].copy_(k)
-            self.buffer[layer, 1, :, lo:lo + shape.chunk_tokens].copy_(v)
-            end = start + min(self.chunks + 1, shape.ring_slots) * shape.chunk_tokens
+            begin, lo, end = self._span()
+            self.buffer[layer, 0, :, lo:lo + self.shape.chunk_tokens].copy_(k)
+            self.buffer[layer, 1, :, lo:lo + self.shape.chunk_tokens].copy_(v)
         return self.buffer[layer, 0, :, begin:end], self.buffer[layer, 1, :, begin:end]
+
+    def _span(self) -> tuple[int, int, int]:
+        """(begin, slot, end) of the next chunk pass: the first key it attends to, where its own K/V go,
+        and the end of its keys."""
+        shape, start = self.shape, self.shape.start
+        if shape.kernels:
+            return start - self.global_len - shape.history_tokens(self.chunks), start, start + shape.chunk_tokens
+        lo = start + self.chunks % shape.ring_slots * shape.chunk_tokens
+        return start - self.global_len, lo, start + min(self.chunks + 1, shape.ring_slots) * shape.chunk_tokens
+
+    def _age_buffer(self) -> None:
+        """After a commit in compressed mode: rebuild the pooled history from the committed chunk (in
+        its slot) and the history before it, and write it back right-aligned against the context."""
+        shape, start = self.shape, self.shape.start
+        old_end = start - self.global_len
+        old = shape.history_tokens(self.chunks - 1)
+        sizes = [pooled_tokens(shape.chunk_tokens, k) for k in shape.kernels[:self.chunks - 1]]
+        new = shape.history_tokens(self.chunks)
+        for layer in range(shape.layers):
+            for i in (0, 1):
+                rows = self.buffer[layer, i]
+                history = list(rows[:, old_end - old:old_end].split(sizes, dim=1)) if sizes else []
+                aged = age(history, rows[:, start:start + shape.chunk_tokens], shape.kernels, shape.grid)
+                rows[:, old_end - new:old_end].copy_(torch.cat(aged, dim=1))
 
     def attended_tokens(self) -> int:
         """How many keys the next chunk pass attends to (bounded by the cache size)."""
-        ring = min(self.chunks + 1, self.shape.ring_slots) * self.shape.chunk_tokens
-        return self.global_len + ring
+        begin, _, end = self._span()
+        return end - begin

@@ -4,7 +4,9 @@ Same weights and the same conditioning as `NextShotTeacher` (frame concat: clean
 t = 0 before the target, per-frame captions, shot positions), with two differences: the target's
 latent frames form chunks of `chunk_frames`, and attention is chunk-causal (the context prefix is
 visible to every chunk; chunk i sees chunks i - window + 1 .. i, window = local_chunks + 1 so that
-training sees exactly what the KV cache holds at inference, see student/cache.py).
+training sees exactly what the KV cache holds at inference, see student/cache.py; with
+`local_compression` the past chunks are seen pooled by age, as the compressed cache holds them,
+student/compression.py).
 
 Shot boundary indicator (`indicator`, ShotStream Table 4):
 - rope_offset: every temporal RoPE band of frame t of shot k turns by the phase k·θ (the teacher's
@@ -26,6 +28,7 @@ from torch import nn
 
 from kernels import chunk_causal_attention
 from teacher.backbone import Attention, KVProvider, TextKV, WanBackbone
+from student.compression import check_grid, compressed_attention
 from student.folder import (GENERATOR_FILE, INDICATOR_FILE, TRANSFORMER, TRANSFORMER_CONFIG, read_folder, require,
                             transformer_config, verify_files)
 from student.settings import StudentSettings, settings_from_dict
@@ -137,10 +140,15 @@ class CausalStudent(nn.Module):
             raise ValueError(f"{name} has {frames} latent frames, not a whole number of {chunk}-frame chunks "
                              f"(chunk_frames)")
 
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The token grid (rows, columns) of a latent frame of a [.., height, width] latent."""
+        _, ph, pw = self.backbone.patch_size
+        return height // ph, width // pw
+
     def frame_tokens(self, height: int, width: int) -> int:
         """Tokens per latent frame of a [.., height, width] latent."""
-        _, ph, pw = self.backbone.patch_size
-        return (height // ph) * (width // pw)
+        rows, columns = self.token_grid(height, width)
+        return rows * columns
 
     def text_conditioning(self, text: torch.Tensor, context_text: torch.Tensor | None, context_frames: int,
                           target_frames: int) -> tuple[TextKV, torch.Tensor | None]:
@@ -197,7 +205,8 @@ class CausalStudent(nn.Module):
 
         timestep [B] or [B, F] in [0, 1000] (per frame: each chunk its own noise level); text, context,
         context_text, context_shots as `NextShotTeacher.forward`. window_chunks: "cache" (default)
-        uses `local_chunks + 1`, what the KV cache reproduces; None means no window.
+        uses `local_chunks + 1` (or the compressed local memory), what the KV cache reproduces; None means
+        no window.
         """
         self.check_frames("noisy", noisy)
         batch, frames = noisy.shape[0], noisy.shape[2]
@@ -219,11 +228,16 @@ class CausalStudent(nn.Module):
                                            self.settings.position_theta)
         text_kv, frame_text = self.text_conditioning(text, context_text, fc, frames)
         window = self.settings.window_chunks if window_chunks == "cache" else window_chunks
-        frame_tokens = self.frame_tokens(noisy.shape[3], noisy.shape[4])
+        grid = self.token_grid(noisy.shape[3], noisy.shape[4])
         pt = self.backbone.patch_size[0]
-        attn = partial(chunk_causal_attention, prefix_len=fc // pt * frame_tokens,
-                       chunk_len=self.settings.chunk_frames // pt * frame_tokens, window_chunks=window,
-                       backend=self.attention_backend)
+        geometry = dict(prefix_len=fc // pt * grid[0] * grid[1],
+                        chunk_len=self.settings.chunk_frames // pt * grid[0] * grid[1])
+        kernels = self.settings.local_compression
+        if kernels and window_chunks == "cache":  # what the compressed local cache holds (student/compression.py)
+            check_grid(kernels, grid)
+            attn = partial(compressed_attention, grid=grid, kernels=kernels, **geometry)
+        else:
+            attn = partial(chunk_causal_attention, window_chunks=window, backend=self.attention_backend, **geometry)
         marked = (fc, fc + self.settings.chunk_frames) if fc else None
         return self.run(noisy, timesteps, positions, text_kv, frame_text, attn, marked=marked, out_frames=frames,
                         phases=phases)

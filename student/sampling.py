@@ -81,7 +81,8 @@ class ChunkStream:
         self.cache = KVCache(CacheShape(
             layers=cfg.num_layers, batch=batch, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
             frame_tokens=student.frame_tokens(height, width), chunk_frames=s.chunk_frames // pt,
-            global_frames=s.context_frames // pt, local_chunks=s.local_chunks), self.dtype, self.device, keep_graph)
+            global_frames=s.context_frames // pt, local_chunks=s.local_chunks, kernels=tuple(s.local_compression),
+            grid=student.token_grid(height, width)), self.dtype, self.device, keep_graph)
         self.timesteps = denoising_timesteps(s.denoising_steps, s.shift)
         self.text = None
         self.frame_start = 0  # latent frames before the shot's first frame (the context)

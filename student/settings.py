@@ -16,7 +16,7 @@ from teacher.context import CAPTION_LAYOUTS, STRATEGIES
 INDICATORS = ("rope_offset", "learnable", "none")
 SIMILARITIES = ("oracle", "clip")
 # settings added after folders were first saved: a folder without them has their defaults
-LATER = ("similarity", "similarity_path", "similarity_terms", "pack_frames", "max_candidates")
+LATER = ("similarity", "similarity_path", "similarity_terms", "pack_frames", "max_candidates", "local_compression")
 # what the unconditional (CFG negative) text replaces: every frame's text, or the target's only
 NEGATIVE_SCOPES = ("all", "target")
 
@@ -42,6 +42,9 @@ class StudentSettings:
     similarity_terms: list[str] = field(default_factory=list)
     pack_frames: int = 2
     max_candidates: int = 64
+    # compressed local memory (student/compression.py): a pooling kernel per past local chunk, newest
+    # first; empty: the local chunks are kept whole
+    local_compression: list[int] = field(default_factory=list)
 
     def check(self) -> "StudentSettings":
         """Raise ValueError naming the first bad setting."""
@@ -61,11 +64,23 @@ class StudentSettings:
             low = 0 if name in ("local_chunks", "context_frames") else 1
             if int(getattr(self, name)) < low:
                 raise ValueError(f"student {name} must be >= {low}; got {getattr(self, name)}")
+        self.local_compression = self._checked_compression()
         steps = [float(t) for t in self.denoising_steps]
         if not steps or any(not 0 < t <= 1000 for t in steps) or steps != sorted(steps, reverse=True):
             raise ValueError(f"student denoising_steps must be descending timesteps in (0, 1000]; got {steps}")
         self.denoising_steps = steps
         return self
+
+    def _checked_compression(self) -> list[int]:
+        """The local compression kernels as ints: one per local chunk, >= 1, each dividing the next."""
+        kernels = [int(k) for k in self.local_compression]
+        if kernels and len(kernels) != int(self.local_chunks):
+            raise ValueError(f"student local_compression needs one kernel per local chunk ({self.local_chunks}, "
+                             f"local_chunks); got {kernels}")
+        if any(k < 1 for k in kernels) or any(b % a for a, b in zip(kernels, kernels[1:])):
+            raise ValueError(f"student local_compression kernels must be >= 1, newest first, each dividing the "
+                             f"next; got {kernels}")
+        return kernels
 
     @property
     def window_chunks(self) -> int:
