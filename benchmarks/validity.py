@@ -15,13 +15,15 @@ Rows (`--rows`; the paper's row names in brackets):
 - Table 3, context sampling: context-first [First Only], context-first-last [First & Last],
   dynamic [Dynamic (Ours)] = the default run.
 - Memory options of other papers (issue 19; opt-in: `--rows context-noise negative-context references
-  context-retrieval context-pack dpo dynamic`, each against dynamic, the default run; no paper numbers
+  context-retrieval context-pack dpo local-compression dynamic`, each against dynamic, the default run; no paper numbers
   beside them): context-noise [FilmWeaver asymmetric noise], negative-context [FilmWeaver negative
   sampling], references [FilmWeaver multi-concept injection, trained for], context-retrieval [FilmWeaver
   shot memory retrieval, oracle similarity] and context-pack [STAGE multi-shot memory pack] retrain
   their pipelines;
   dpo [STAGE preference alignment] starts from hard links of the default run's prepare/ and teacher/,
-  aligns the teacher (recipes/tiny/dpo.yaml) and distils from it.
+  aligns the teacher (recipes/tiny/dpo.yaml) and distils from it; local-compression [FilmWeaver
+  compressed local memory] starts from the default run's prepare/ and teacher/ and retrains the
+  student stages with the previous chunk pooled 2x2 in the local cache.
 
 Runs: per seed s, run folders `<out-root>/seed-<s>/<run>` (so `shotdistill compare` lines up one
 seed's runs). Each is `shotdistill run <recipe> run.name=<run> run.out=... run.seed=<s> <overrides>`
@@ -122,6 +124,8 @@ RUNS = {
     "context-pack": RunSpec("recipes/tiny/ablations/context-pack.yaml"),
     # the default teacher, aligned: its prepare and teacher are the default run's own
     "dpo": RunSpec("recipes/tiny/ablations/dpo.yaml", "default", ("prepare", "teacher")),
+    # the default teacher; the student stages (ODE pairs included: they read student.*) retrained
+    "local-compression": RunSpec("recipes/tiny/ablations/local-compression.yaml", "default", ("prepare", "teacher")),
 }
 
 
@@ -153,6 +157,7 @@ ROWS = (
     Row("context-retrieval", "FilmWeaver", "Shot Memory Retrieval", "context-retrieval", default=False),
     Row("context-pack", "STAGE", "Multi-shot Memory Pack", "context-pack", default=False),
     Row("dpo", "STAGE", "Preference Alignment", "dpo", default=False),
+    Row("local-compression", "FilmWeaver", "Compressed Local Memory", "local-compression", default=False),
 )
 
 # ShotStream (../shared/papers/shotstream.md), Table 4 "Ablation Study on the Causal Student Model
