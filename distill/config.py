@@ -102,7 +102,7 @@ class OptimSection:
     student: OptimConfig = section(OptimConfig, "optimizer of the student (causal init stage)")
     generator: OptimConfig = section(OptimConfig, "optimizer of the DMD generator (the student)")
     critic: OptimConfig = section(OptimConfig, "optimizer of the DMD critic (fake score)")
-    dpo: OptimConfig = section(OptimConfig, "optimizer of the teacher under preference alignment (dpo stage)")
+    dpo: OptimConfig = section(OptimConfig, "optimizer of the model under preference alignment (dpo, dpo_student)")
 
 
 @dataclass
@@ -385,7 +385,9 @@ class LoraConfig:
 @dataclass
 class DPOConfig:
     teacher_from: str = key("teacher", "stage folder (listed in `needs:`) whose teacher is the policy's start "
-                            "and the frozen reference")
+                            "and the frozen reference (stage dpo)")
+    student_from: str = key("causal-init", "stage folder (listed in `needs:`) whose student is the policy's start "
+                            "and the frozen reference (stage dpo_student)")
     beta: float = key(500.0, "Diffusion-DPO beta on the per-sample mean squared velocity errors (distill/dpo.py)")
     pairs: List[str] = key(["other_record", "wrong_shot"], "loser sources, one drawn per pair: other_record = a "
                            "shot of another record, wrong_shot = another shot of the same record (a wrong "
@@ -454,7 +456,8 @@ class Recipe:
                                             "(distill/stages/causal_init.py)")
     dmd: DMDConfig = section(DMDConfig, "Self Forcing DMD, stages dmd_intra / dmd_inter (distill/stages/dmd.py)")
     lora: LoraConfig = section(LoraConfig, "LoRA adapters of the DMD generator and critic (dmd_inter)")
-    dpo: DPOConfig = section(DPOConfig, "Diffusion-DPO preference alignment of the teacher (distill/stages/dpo.py)")
+    dpo: DPOConfig = section(DPOConfig, "Diffusion-DPO preference alignment of the teacher or a student "
+                             "(distill/stages/dpo.py)")
     eval: EvalConfig = section(EvalConfig, "evaluation of the newest student export (distill/stages/eval.py)")
 
 

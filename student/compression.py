@@ -70,7 +70,8 @@ def compressed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p
 
     total = q.shape[1]
     if (total - prefix_len) % chunk_len:
-        raise ValueError(f"compressed attention: {total - prefix_len} target tokens are not whole chunks of {chunk_len}")
+        raise ValueError(f"compressed attention: {total - prefix_len} target tokens are not whole chunks "
+                         f"of {chunk_len}")
     outs = [sdpa(q[:, :prefix_len], k[:, :prefix_len], v[:, :prefix_len])] if prefix_len else []
     span = lambda x, i: x[:, prefix_len + i * chunk_len:prefix_len + (i + 1) * chunk_len]  # noqa: E731
     for i in range((total - prefix_len) // chunk_len):

@@ -172,3 +172,44 @@ def test_a_tiny_dpo_stage_runs_and_resumes_bit_identically(tmp_path, trained_tea
     assert {tag: read_scalars(resumed / "tb" / "dpo", tag) for tag in tags} == reference
     again = load_file(next((resumed / "dpo" / "model").glob("*.safetensors")))
     assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
+
+
+@pytest.mark.slow
+def test_a_student_dpo_stage_aligns_the_causal_student_and_dmd_can_start_from_it(tmp_path_factory, one_thread):
+    """stage dpo_student: the causal init's student as policy and reference (loss log 2 at step 1), a
+    trained student folder that loads, differs from its start and is a valid DMD starting point."""
+    from test_dmd_stage import _with_causal_init
+    from test_ode_pairs import WORLD, build_world, copy_world
+
+    from distill.runner import plan
+    from student.model import CausalStudent
+
+    out = copy_world(build_world(tmp_path_factory), tmp_path_factory.mktemp("dpo-student") / "out")
+    run = _with_causal_init(out)
+    args = WORLD + [f"run.out={out}", "train.steps=3", "train.checkpoint_every=3", "logging.every=1",
+                    "logging.tensorboard=true", "train.micro_batch=1"]
+    run_recipe(TINY / "dpo-student.yaml", args)
+    loss = read_scalars(run / "tb" / "dpo-student", "dpo-student/dpo/loss")
+    assert sorted(loss) == [1, 2, 3] and loss[1] == pytest.approx(math.log(2), abs=1e-6)
+    start = CausalStudent.from_pretrained(run / "causal-init" / "student")
+    aligned = CausalStudent.from_pretrained(run / "dpo-student" / "student")
+    assert aligned.settings == start.settings
+    changed = [name for (name, a), (_, b) in zip(aligned.named_parameters(), start.named_parameters())
+               if not torch.equal(a, b)]
+    assert changed
+    # DMD plans from it: the student keys it was saved with agree with the DMD recipe's
+    dmd = write_recipe(out / "dmd-intra.yaml", {
+        "base": str(TINY / "dmd-intra.yaml"), "dmd": {"generator_from": "dpo-student"},
+        "needs": [str(TINY / "teacher.yaml"), str(TINY / "dpo-student.yaml")]})
+    assert plan(dmd, args).cfg.dmd.generator_from == "dpo-student"
+
+
+def test_each_dpo_stage_refuses_the_other_ones_source_key(tmp_path):
+    """dpo.student_from on the teacher's alignment (and dpo.teacher_from on the student's) would do
+    nothing: the plan stops naming the key."""
+    from distill.config import ConfigError
+    from distill.runner import plan
+
+    for recipe, key in (("dpo.yaml", "dpo.student_from=dmd-intra"), ("dpo-student.yaml", "dpo.teacher_from=dpo")):
+        with pytest.raises(ConfigError, match=key.split("=")[0]):
+            plan(TINY / recipe, [f"run.out={tmp_path}", key])

@@ -12,6 +12,7 @@ REGISTRY: dict[str, str] = {
     "prepare": "distill.stages.prepare:PrepareStage",
     "teacher": "distill.stages.teacher:TeacherStage",
     "dpo": "distill.stages.dpo:DPOStage",
+    "dpo_student": "distill.stages.dpo:StudentDPOStage",
     "ode_pairs": "distill.stages.ode_pairs:OdePairsStage",
     "causal_init": "distill.stages.causal_init:CausalInitStage",
     "dmd_intra": "distill.stages.dmd:DMDIntraStage",

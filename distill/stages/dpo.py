@@ -9,6 +9,12 @@ the implicit reward margin and accuracy (`dpo/margin`, `dpo/accuracy`) and the p
 the reference's on winners and losers (`dpo/winner_gap`, `dpo/loser_gap`). The aligned teacher is
 saved to `<stage>/model/`, a teacher product: ODE pairs, causal init and DMD may name it
 (`*.teacher_from: dpo`).
+
+`stage: dpo_student` aligns a causal student the same way: the policy and the frozen reference are
+the student folder of the stage `dpo.student_from` (a causal init or a DMD stage), scored by the
+student's chunk-causal full-sequence forward, what the causal init trains; every parameter trains,
+as in the causal init. The aligned student is saved to `<stage>/student/`, where DMD may start from
+it (`dmd.generator_from: dpo-student`) and export may take it.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from distill.data.components import memory_rule, prepared_dir
 from distill.data.preference import PreferenceDataset, check_sources
 from distill.data.stream import DataStream
 from distill.dpo import dpo_loss
-from distill.models import load_teacher, save_teacher
+from distill.models import load_teacher, save_stage_student, save_teacher
 from distill.trainer import TrainedModel, Trainer, place_frozen
 from student.context import Context, kwargs_of
+from student.model import CausalStudent
 from teacher.flow import NUM_TRAIN_TIMESTEPS, shift_timestep
 
 
@@ -40,7 +47,8 @@ class DPOStage:
 
     folder = "dpo"
     produces = "teacher"
-    reads = keys.TRAINING + ("optim.dpo", "dpo", "data.prepared", "model.attention") + keys.CONTEXT_RULE
+    ALIGNMENT = ("optim.dpo", "dpo.beta", "dpo.pairs", "dpo.timestep_shift", "data.prepared", "model.attention")
+    reads = keys.TRAINING + ALIGNMENT + ("dpo.teacher_from",) + keys.CONTEXT_RULE
     # the pairs' histories follow the context rule the teacher was trained with
     sources = {"dpo.teacher_from": keys.CONTEXT_RULE}
 
@@ -55,19 +63,28 @@ class DPOStage:
     def __init__(self, cfg: DictConfig, ctx) -> None:
         self.cfg, self.ctx = cfg, ctx
 
-    def run(self) -> dict[str, float]:
-        cfg, env = self.cfg, self.ctx.env
+    def models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(policy, frozen reference): the teacher of `dpo.teacher_from`, twice."""
+        cfg = self.cfg
         folder = self.ctx.input("dpo.teacher_from", cfg.dpo.teacher_from, "teacher")
         policy = load_teacher(folder, cfg.model.attention).train()
         policy.set_trainable()  # what the teacher trained (its saved `trainable`)
+        return policy, load_teacher(folder, cfg.model.attention)
+
+    def save(self, engine) -> None:
+        save_teacher(engine, layout.product(self.ctx.stage_dir, self.produces), self.ctx.env)
+
+    def run(self) -> dict[str, float]:
+        cfg, env = self.cfg, self.ctx.env
+        policy, reference = self.models()
         policy.enable_gradient_checkpointing(cfg.train.gradient_checkpointing)
-        self.reference = place_frozen(load_teacher(folder, cfg.model.attention), cfg, env)
+        self.reference = place_frozen(reference, cfg, env)
         pairs = PreferenceDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget,
                                   cfg.dpo.pairs, cfg.run.seed, memory_rule(cfg))
         data = DataStream(pairs, cfg.train.micro_batch, cfg.run.seed, env.rank, env.world_size)
         self.trainer = Trainer(cfg, self.ctx, [TrainedModel("dpo", policy)], data, self.step)
         metrics = self.trainer.fit()
-        save_teacher(self.trainer.engines["dpo"], layout.product(self.ctx.stage_dir, self.produces), env)
+        self.save(self.trainer.engines["dpo"])
         return metrics
 
     def step(self, batch: dict, due: frozenset, step: int) -> dict[str, torch.Tensor]:
@@ -87,3 +104,26 @@ class DPOStage:
         out = dpo_loss(policy, reference, winner, loser, t, noise, self.cfg.dpo.beta)
         return {"dpo": out.loss, "margin": out.margin, "accuracy": out.accuracy, "winner_gap": out.winner_gap,
                 "loser_gap": out.loser_gap}
+
+
+class StudentDPOStage(DPOStage):
+    """Recipe `stage: dpo_student` (module doc); metrics as `dpo`'s."""
+
+    folder = "dpo-student"
+    produces = "student"
+    reads = keys.TRAINING + keys.STUDENT_FOLDER + DPOStage.ALIGNMENT + ("dpo.student_from", "student") + \
+        keys.CONTEXT_RULE
+    # what the student was built with is what it is aligned (and saved) with
+    sources = {"dpo.student_from": ("student",) + keys.CONTEXT_RULE}
+
+    def models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(policy, frozen reference): the student of `dpo.student_from`, twice, in float32."""
+        cfg = self.cfg
+        folder = self.ctx.input("dpo.student_from", cfg.dpo.student_from, "student")
+        load = lambda: CausalStudent.from_pretrained(folder, torch_dtype=torch.float32,  # noqa: E731
+                                                     attention_backend=cfg.model.attention)
+        return load().train().requires_grad_(True), load()
+
+    def save(self, engine) -> None:
+        save_stage_student(engine, engine.module, layout.product(self.ctx.stage_dir, self.produces), self.cfg,
+                           self.ctx.env)
