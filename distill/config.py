@@ -391,7 +391,8 @@ class DPOConfig:
     beta: float = key(500.0, "Diffusion-DPO beta on the per-sample mean squared velocity errors (distill/dpo.py)")
     pairs: List[str] = key(["other_record", "wrong_shot"], "loser sources, one drawn per pair: other_record = a "
                            "shot of another record, wrong_shot = another shot of the same record (a wrong "
-                           "transition); the winner is the true next shot")
+                           "transition), manifest = the shot's own `rejected` clip given in the manifest; the "
+                           "winner is the true next shot")
     timestep_shift: float = key(1.0, "shift applied to the uniform timesteps (winner and loser share t and noise)")
 
 

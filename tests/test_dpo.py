@@ -4,6 +4,7 @@ a toy model raise the implicit accuracy, the pairs' losers, and a tiny dpo stage
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 
@@ -90,14 +91,75 @@ def test_a_few_steps_push_the_winners_error_down_relative_to_the_losers():
 
 def test_pair_sources_are_checked():
     assert check_sources(["wrong_shot"]) == ("wrong_shot",)
-    for bad in ([], ["manifest"], ["wrong_shot", "wrong_shot"]):
-        with pytest.raises(ValueError, match=r"^dpo.pairs must list distinct sources among other_record, wrong_shot"):
+    for bad in ([], ["judged"], ["wrong_shot", "wrong_shot"]):
+        with pytest.raises(ValueError, match=r"^dpo.pairs must list distinct sources among other_record, wrong_shot, "
+                                             r"manifest; got"):
             check_sources(bad)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return make_prepared(tmp_path_factory.mktemp("pairs"))
+
+
+def _with_rejected(root):
+    """The small world's manifest where shot 1 of every record names a rejected clip: the next record's
+    shot 1 (another story, same prepared length); the last record names a clip too short."""
+    from distill.config import load_recipe
+    from distill.data.components import synth_settings
+    from distill.data.synth import synthesize
+    from helpers import SMALL_WORLD
+    from launch.data import default_recipe
+
+    cfg = load_recipe(default_recipe(), list(SMALL_WORLD))
+    manifest = synthesize(root / "world", synth_settings(cfg.data.synth))
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for i, line in enumerate(lines):
+        other = lines[(i + 1) % len(lines)]
+        start, end = other["shots"][1]["start"], other["shots"][1]["end"]
+        line["shots"][1]["rejected"] = {"video": other["video"], "start": start,
+                                        "end": end if i < len(lines) - 1 else start + 1}
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return cfg, manifest, lines
+
+
+def test_manifest_rejected_clips_are_prepared_and_become_the_losers(tmp_path):
+    """`rejected` clips are encoded beside their shots (a bad one skips its record, named), and
+    dpo.pairs [manifest] pairs each such shot with exactly its rejected clip."""
+    from distill.stages.prepare import prepare
+
+    cfg, manifest, lines = _with_rejected(tmp_path)
+    report = prepare(cfg, manifest, tmp_path / "out", progress=False)
+    assert len(report["prepared"]) == len(lines) - 1
+    assert [s["line"] for s in report["skipped"]] == [len(lines)]
+    assert "shot 1 rejected clip: too short" in report["skipped"][0]["reason"]
+    pairs = PreferenceDataset(tmp_path / "out", "dynamic", 3, ["manifest"], seed=0)
+    data = pairs.shots.data
+    assert {pairs.shots.items[i] for i in pairs.items} == {(r, 1) for r in range(len(data.records))}
+    for j in range(len(pairs)):
+        r, _ = pairs.shots.items[pairs.items[j]]
+        item = pairs[j]
+        assert pairs.loser(j) == ("manifest", (r, 1)) and item["loser"].shape == item["latents"].shape
+        assert torch.equal(item["loser"], data.tensor(data.records[r], "shot1/rejected"))
+        # the rejected clip is the next record's shot 1: the very latents that shot prepares to
+        if r + 1 < len(data.records):
+            assert torch.equal(item["loser"], data.tensor(data.records[r + 1], "shot1/latents"))
+
+
+def test_a_bad_rejected_field_is_a_one_line_skip(tmp_path):
+    from distill.data.manifest import Skip, read_manifest
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"")
+    shot = {"start": 0, "end": 8, "caption": "wide: x"}
+    lines = [{"video": "v.mp4", "global_caption": "g", "shots": [shot | {"rejected": bad}]}
+             for bad in ({"video": "v.mp4", "caption": "y"}, "v.mp4", {"video": "absent.mp4"}, {"start": 4, "end": 2})]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    reasons = [entry.reason for entry in read_manifest(tmp_path / "m.jsonl")]
+    assert all(isinstance(e, Skip) for e in read_manifest(tmp_path / "m.jsonl"))
+    assert reasons[0] == reasons[1] == "shot 0: 'rejected' must be an object with only video, start and end"
+    assert reasons[2] == f"shot 0 rejected clip: video not found: {tmp_path / 'absent.mp4'}"
+    assert reasons[3] == "shot 0 rejected clip: empty range 4..2"
 
 
 @pytest.mark.parametrize("source", ["other_record", "wrong_shot"])

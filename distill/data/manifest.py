@@ -6,7 +6,10 @@
 `start`/`end` are source frame indices (end exclusive). A shot with its own `video` is a pre-cut
 clip: its range defaults to the whole clip. Optional: `fps` (overrides the container's rate),
 `id` (default: the video path without its suffix, or `line-N`), `facts` (a JSON file of
-evaluation facts, as the synthetic world writes). Any other field is an error.
+evaluation facts, as the synthetic world writes), and per shot `rejected`: a clip
+(`{"video", "start", "end"}`, video defaulting to the record's) that is a worse continuation of the
+same history and caption, the loser of the shot's Diffusion-DPO pair (`dpo.pairs: [manifest]`); it
+must prepare to the shot's length. Any other field is an error.
 
 Parsing checks what can be checked without decoding; each bad line becomes a `Skip` naming the
 line, and every other line still yields its `Record`.
@@ -15,11 +18,12 @@ line, and every other line still yields its `Record`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 RECORD_FIELDS = {"video", "global_caption", "shots", "fps", "id", "facts"}
-SHOT_FIELDS = {"video", "start", "end", "caption"}
+SHOT_FIELDS = {"video", "start", "end", "caption", "rejected"}
+REJECTED_FIELDS = {"video", "start", "end"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class ShotRef:
     start: int
     end: int | None  # None: to the end of the clip
     caption: str
+    rejected: "ShotRef | None" = None  # the manifest's dispreferred clip for this shot (its caption)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,20 @@ def _shot(raw: object, j: int, root: Path, video: Path | None) -> ShotRef:
     unknown = sorted(set(raw) - SHOT_FIELDS)
     if unknown:
         raise BadRecord(f"shot {j}: unknown field {unknown[0]!r}")
+    ref = _clip(raw, j, root, video)
+    rejected = raw.get("rejected")
+    if rejected is None:
+        return ref
+    if not isinstance(rejected, dict) or set(rejected) - REJECTED_FIELDS:
+        raise BadRecord(f"shot {j}: 'rejected' must be an object with only video, start and end")
+    try:
+        return replace(ref, rejected=_clip(rejected | {"caption": ref.caption}, j, root, video))
+    except BadRecord as e:
+        raise BadRecord(f"shot {j} rejected clip{str(e).removeprefix(f'shot {j}')}") from None
+
+
+def _clip(raw: dict, j: int, root: Path, video: Path | None) -> ShotRef:
+    """The clip of shot j (or of its rejected clip): a range of its own video or of the record's."""
     own = raw.get("video")
     if own is not None and not isinstance(own, str):
         raise BadRecord(f"shot {j}: 'video' must be a path")

@@ -4,7 +4,9 @@ Item i is a `ShotDataset` sample (target latents, text, context) plus `loser`, a
 length that does not follow this history (STAGE §3 builds its losers from the same clip; ours):
 
 - ``other_record``: a shot of another record (what the prompt and history do not describe);
-- ``wrong_shot``: another shot of the same record (right characters, wrong transition).
+- ``wrong_shot``: another shot of the same record (right characters, wrong transition);
+- ``manifest``: the shot's own `rejected` clip from the manifest (distill/data/manifest.py), a
+  human- or model-judged worse continuation of the same history and caption.
 
 One source is drawn per pair among the listed ones that have a candidate for the sample, then one
 candidate; samples with no candidate in any listed source are left out. The draws are a pure function
@@ -23,7 +25,7 @@ from distill.data.datasets import ShotDataset
 from distill.seeds import derive_seed
 from student.memory import MemoryRule
 
-PAIR_SOURCES = ("other_record", "wrong_shot")
+PAIR_SOURCES = ("other_record", "wrong_shot", "manifest")
 
 
 def check_sources(sources: Sequence[str]) -> tuple[str, ...]:
@@ -56,6 +58,8 @@ class PreferenceDataset:
         r, target = self.shots.items[i]
         frames = self.shots.data.records[r]["latent_frames"][target]
         same = self._by_length[frames]
+        if source == "manifest":  # its own rejected clip, prepared to the target's length
+            return [(r, target)] if target in self.shots.data.records[r].get("rejected", ()) else []
         if source == "other_record":
             return [(r2, k) for r2, k in same if r2 != r]
         return [(r2, k) for r2, k in same if r2 == r and k != target]
@@ -80,6 +84,7 @@ class PreferenceDataset:
         item = self.shots[self.items[j]]
         source, (r, k) = self.loser(j)
         data = self.shots.data
-        item["loser"] = data.tensor(data.records[r], f"shot{k}/latents")
+        name = f"shot{k}/rejected" if source == "manifest" else f"shot{k}/latents"
+        item["loser"] = data.tensor(data.records[r], name)
         item["loser_source"] = torch.tensor(self.sources.index(source))
         return item

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -102,9 +102,33 @@ def encode_record(record: Record, slot: int, s: PrepareSettings, codec: Codec, t
             "latent_frames": [codec.latent_frames(len(c)) for c in clips]}
     if candidates:
         meta["context_frames"] = candidates
+    rejected = _encode_rejected(record, slot, clips, s, codec, tensors)
+    if rejected:
+        meta["rejected"] = rejected
     if s.references:
         meta["references"] = _encode_references(record, slot, clips, s, codec, text, tensors)
     return tensors, meta
+
+
+def _encode_rejected(record: Record, slot: int, clips: list, s: PrepareSettings, codec: Codec,
+                     tensors: dict[str, torch.Tensor]) -> list[int]:
+    """The shots with a manifest `rejected` clip, whose latents go into `tensors` as shot{j}/rejected;
+    a rejected clip must prepare to its shot's length (BadRecord otherwise)."""
+    shots = []
+    for j, shot in enumerate(record.shots):
+        if shot.rejected is None:
+            continue
+        try:
+            (clip,) = load_shots(replace(record, shots=(shot.rejected,)), s.height, s.width, s.fps, s.shot_frames,
+                                 s.long_shots, lambda n: codec.whole_chunks(n, s.chunk_frames))
+        except BadRecord as e:
+            raise BadRecord(f"shot {j} rejected clip{str(e).removeprefix('shot 0')}") from None
+        if len(clip) != len(clips[j]):
+            raise BadRecord(f"shot {j} rejected clip: {len(clip)} frames prepared, the shot has {len(clips[j])}")
+        pixels = pixels_from_uint8(torch.from_numpy(clip)).unsqueeze(0)
+        tensors[f"{slot}/shot{j}/rejected"] = codec.encode(pixels)[0].to("cpu", DTYPES[s.latent_dtype])
+        shots.append(j)
+    return shots
 
 
 def _encode_references(record: Record, slot: int, clips: list, s: PrepareSettings, codec: Codec,
