@@ -102,6 +102,31 @@ def test_bf16_storage_is_the_samplers_output_rounded(pairs_run):
     assert stored["0/shot_texts"].shape[0] == len(set(item["context"].shots.tolist()))
 
 
+def test_negative_context_reaches_the_pairs(tmp_path_factory):
+    """data.context.negative.p = 1: every pair's history (a first shot's too) holds a shot of another record,
+    drawn as the dataset draws it for the pair's pass over the data (pairs 0..N-1 epoch 0, N.. epoch 1),
+    so the causal init regresses the teacher's answer to a history with a distractor."""
+    out = copy_world(build_world(tmp_path_factory), tmp_path_factory.mktemp("negative") / "out")
+    overrides = WORLD + PAIRS + [f"run.out={out}", "ode.dtype=float32", "data.context.negative.p=1.0"]
+    run_recipe(ODE, overrides)
+    cfg = plan(ODE, overrides).cfg
+    pairs = OdePairDataset(out / "tiny" / "ode-pairs")
+    dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget,
+                          (1.0, cfg.data.context.negative.frames, cfg.run.seed))
+    plain = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget)
+    mixed = 0
+    for n in range(len(pairs)):
+        stored, i = pairs[n], int(pairs[n]["pair"])
+        dataset.set_epoch(i // len(dataset))
+        item, negative = dataset[i % len(dataset)], dataset.negative_shot(i % len(dataset))
+        assert torch.equal(stored["context"].latents, item["context"].latents.float())
+        assert dataset.data.records[negative.record]["id"] != stored["record"]
+        mixed += stored["context"].frames > plain[i % len(plain)]["context"].frames
+    assert mixed == len(pairs)
+    fingerprint = json.loads((out / "tiny" / "ode-pairs" / "shard-00000.json").read_text())["fingerprint"]
+    assert fingerprint["negative"] == [1.0, cfg.data.context.negative.frames]
+
+
 def test_shards_made_with_other_settings_are_refused(pairs_run, tmp_path):
     run, cfg = pairs_run
     out = tmp_path / "out"

@@ -1,7 +1,9 @@
 """The `ode_pairs` stage: teacher ODE trajectories kept at the student's timesteps (CausVid protocol).
 
 Pair i is a pure function of (run.seed, i): the next-shot sample is item i mod N of the prepared
-`ShotDataset` (its history context and the target shot's caption), the initial noise comes from a
+`ShotDataset` (its history context and the target shot's caption; with `data.context.negative.p` the
+history may also hold an irrelevant shot of another record, drawn as the teacher's training draws it
+in epoch i div N, so the causal init learns from the teacher to ignore it), the initial noise comes from a
 generator seeded by `derive_seed(seed, "ode-noise", i)`. The teacher's Euler sampler (`ode.steps`, `ode.shift`,
 ordinary CFG `ode.guidance_scale` against `sampler.negative_prompt`) runs with the student's
 denoising timesteps (`student.denoising_steps` warped by `student.shift`) inserted as nodes, so the
@@ -35,6 +37,7 @@ import torch
 from omegaconf import DictConfig
 
 from distill.data.components import memory_rule, negative_text, prepared_dir
+from distill.data.negatives import check_negative
 from distill.data.datasets import ShotDataset
 from distill import keys, layout
 from distill.data.shards import INDEX, read_json, shard_name, shard_problem, write_json, write_shard
@@ -90,7 +93,7 @@ class OdePairsStage:
     folder = "ode-pairs"
     produces = "ode_pairs"
     reads = ("deepspeed", "data.prepared", "codec", "text_encoder", "sampler.negative_prompt",
-             "sampler.negative_scope", "ode", "student", "model.attention") + keys.CONTEXT_RULE
+             "sampler.negative_scope", "ode", "student", "model.attention", "data.context.negative") + keys.CONTEXT_RULE
 
     @staticmethod
     def check(cfg: DictConfig) -> None:
@@ -104,6 +107,7 @@ class OdePairsStage:
             raise ValueError("deepspeed.frozen_zero3: ode_pairs runs the teacher as a plain module "
                              "(ranks sample different shards, so they cannot share ZeRO-3 collectives)")
         check_student_keys(cfg)
+        check_negative(cfg.data.context.negative.p, cfg.data.context.negative.frames)
 
     def __init__(self, cfg: DictConfig, ctx) -> None:
         self.cfg, self.ctx = cfg, ctx
@@ -118,6 +122,7 @@ class OdePairsStage:
                 "negative_scope": self.cfg.sampler.negative_scope if o.guidance_scale != 1.0 else None,
                 "timesteps": student_timesteps(self.cfg), "teacher": teacher_fingerprint(model_dir),
                 "items": len(dataset), "prepared": dataset.data.settings,
+                **({"negative": list(dataset.negative[:2])} if dataset.negative else {}),
                 "compute_dtype": str(self.ctx.env.dtype(self.cfg.deepspeed.bf16)).removeprefix("torch.")}
 
     def committed(self, name: str, fingerprint: dict) -> bool:
@@ -140,7 +145,9 @@ class OdePairsStage:
 
         cfg, env = self.cfg, self.ctx.env
         model_dir = self.ctx.input("ode.teacher_from", cfg.ode.teacher_from, "teacher")
+        negative = cfg.data.context.negative
         dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget,
+                              (negative.p, negative.frames, cfg.run.seed) if negative.p > 0 else None,
                               memory=memory_rule(cfg))
         fingerprint = self.fingerprint(model_dir, dataset)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +184,7 @@ class OdePairsStage:
                 tensors, pairs = {}, []
                 for slot, i in enumerate(range(k * per, min((k + 1) * per, total))):
                     j = i % len(dataset)
+                    dataset.set_epoch(i // len(dataset))  # the negative draws of pass i div N over the data
                     item = dataset[j]
                     noise = pair_noise(cfg.run.seed, i, item["latents"].shape, dtype, env.device)
                     result = sample_pair(teacher, item, noise, negative, cfg.ode, keep, cfg.sampler.negative_scope)
