@@ -254,12 +254,17 @@ class MemoryRule:
         return Context(latents, texts, shots.to(latents.device))
 
     def history(self, lengths: Sequence[int], prompt: str, caption: Callable[[int], str], frame: FrameFn,
-                text: TextFn, image: Callable[[int, int], torch.Tensor] | None = None) -> Context | None:
+                text: TextFn, image: Callable[[int, int], torch.Tensor] | None = None,
+                feature: Callable[[int, int], torch.Tensor] | None = None) -> Context | None:
         """Score the candidates of a history against `prompt` and pick (datasets, rollouts): `caption`
-        gives a history shot's caption, `image` a frame's pixels [3, H, W] (clip only)."""
+        gives a history shot's caption, `image` a frame's pixels [3, H, W], or `feature` its image
+        feature computed beforehand (clip only; prepared data stores them)."""
         candidates = self.candidates(lengths)
         if not candidates:
             return None
+        if self.similarity.needs_images and feature is not None:
+            features = [feature(k, f) for k, f in candidates]
+            return self.pick(candidates, self.similarity.scores(prompt, features), frame, text)
         images = None
         if self.similarity.needs_images:
             if image is None and self.decode is not None:

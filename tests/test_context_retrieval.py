@@ -1,6 +1,7 @@
 """Protects the retrieval context strategy (student/memory.py): which frames are picked, oracle and CLIP
 scoring, the datasets' and the streaming generator's retrieved memory (bounded, equal to a reference pick)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -233,6 +234,32 @@ def test_clip_scores_prepared_latents_through_the_codec(prepared, tmp_path):
     scores = rule.similarity.scores(rec["captions"][2], rule.similarity.features([""] * len(candidates), pixels))
     expected = torch.stack([latents[j] for j in retrieve(scores, 2)], dim=1)
     assert torch.equal(ds[i]["context"].latents, expected)
+
+
+def test_clip_features_are_computed_once_at_preparation(tmp_path):
+    """Prepared with a clip-ranked strategy, every candidate frame's CLIP image feature is stored: it
+    equals scoring the frame's pixels, and the dataset ranks with it as it would through the codec
+    (no decoding per training item: a rule without the codec still works)."""
+    folder = _tiny_clip(tmp_path / "clip")
+    clip = [*WORLD, "data.context.strategy=retrieval", "data.context.budget=2", "data.context.similarity.kind=clip",
+            f"data.context.similarity.path={folder}"]
+    out = make_prepared(tmp_path / "world", clip)
+    cfg = load_recipe(default_recipe(), clip)
+    rule = memory_rule(cfg)
+    ds = ShotDataset(out, "retrieval", 2, memory=dataclasses.replace(rule, decode=None))
+    data = ds.data
+    assert data.settings["similarity"]["path"] == str(folder)
+    for rec in data.records:
+        assert rec["clip_frames"] == [[0, n - 1] for n in rec["shot_frames"]]  # budget 2: first and last
+        for k, frames in enumerate(rec["clip_frames"]):
+            pixels = torch.stack([rule.decode(data.context_frame(rec, k, f)) for f in frames])
+            torch.testing.assert_close(data.tensor(rec, f"shot{k}/clip"),
+                                       torch.stack(rule.similarity.features([], pixels)), atol=1e-5, rtol=0)
+    decoding = ShotDataset(out, "retrieval", 2, memory=rule)
+    decoding.data.records = [{k: v for k, v in r.items() if k != "clip_frames"} for r in data.records]
+    picked = [ds[i]["context"].latents for i in range(len(ds))]
+    assert all(torch.equal(a, decoding[i]["context"].latents) for i, a in enumerate(picked))
+    assert sum(ds.items[i][1] >= 2 for i in range(len(ds))) > 0  # some histories hold more candidates than 2
 
 
 def test_generator_clip_retrieval_equals_the_reference_pick(tmp_path):

@@ -60,6 +60,15 @@ class PreparedData:
         parts = [self.tensor(record, "global_text"), self.tensor(record, f"shot{shot}/text")]
         return join_text(parts, self.text_len)
 
+    def clip_feature(self, record: dict, shot: int, frame: int) -> torch.Tensor:
+        """[D] the CLIP image feature of a candidate frame, computed at preparation."""
+        frames = record["clip_frames"][shot]
+        if frame not in frames:
+            raise ValueError(f"{self.folder}: frame {frame} of a shot has no prepared CLIP feature (prepared "
+                             f"for {self.settings['strategy']} budget {self.settings['budget']}); prepare again "
+                             "with this context setting")
+        return self.tensor(record, f"shot{shot}/clip")[frames.index(frame)]
+
     def context_frame(self, record: dict, shot: int, frame: int) -> torch.Tensor:
         """[C, h, w] latents of one context frame: a latent frame of the shot, or (Wan) the frame
         encoded on its own at preparation."""
@@ -100,7 +109,8 @@ class PreparedData:
                 raise ValueError(f"context strategy {strategy!r} needs its memory rule (data.context.similarity)")
             return replace(memory, budget=budget).history(
                 record["shot_frames"][:shots], record["captions"][shots], lambda k: record["captions"][k],
-                lambda k, f: self.context_frame(record, k, f), lambda k: self.shot_text(record, k))
+                lambda k, f: self.context_frame(record, k, f), lambda k: self.shot_text(record, k),
+                feature=(lambda k, f: self.clip_feature(record, k, f)) if "clip_frames" in record else None)
         return pick_context(record["shot_frames"][:shots], strategy, budget,
                             lambda k, f: self.context_frame(record, k, f), lambda k: self.shot_text(record, k))
 

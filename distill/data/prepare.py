@@ -44,6 +44,7 @@ class PrepareSettings:
     long_shots: str
     chunk_frames: int
     references: int = 0  # most trained references per sample; > 0 stores character crops (data/references.py)
+    similarity: str = ""  # a CLIP folder: its image features of every candidate frame are stored (ranked context)
 
 
 def fingerprint(s: PrepareSettings, codec: Codec, text: T5TextEncoder, manifest: Path) -> dict:
@@ -59,6 +60,11 @@ def fingerprint(s: PrepareSettings, codec: Codec, text: T5TextEncoder, manifest:
     fields = asdict(s)
     if not s.references:  # folders prepared before references existed stay valid
         del fields["references"]
+    if s.similarity:  # which CLIP scored the frames: its folder and config
+        config = Path(s.similarity) / "config.json"
+        fields["similarity"] = {"path": s.similarity, "config": hashlib.sha256(config.read_bytes()).hexdigest()[:16]}
+    else:
+        del fields["similarity"]
     return {"format": 2, **fields,
             "codec": {"kind": type(codec).__name__, "channels": codec.channels,
                       "temporal_factor": codec.temporal_factor, "spatial_factor": codec.spatial_factor},
@@ -76,8 +82,9 @@ def context_candidates(n: int, s: PrepareSettings) -> list[int]:
 
 
 def encode_record(record: Record, slot: int, s: PrepareSettings, codec: Codec, text: T5TextEncoder,
-                  context_frames: list[int] | str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and metadata of one record (raises BadRecord on bad input)."""
+                  context_frames: list[int] | str, scorer=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of one record (raises BadRecord on bad input); `scorer` (a
+    ClipSimilarity, with `s.similarity`) stores the image features of each shot's candidate frames."""
     clips = load_shots(record, s.height, s.width, s.fps, s.shot_frames, s.long_shots,
                        lambda n: codec.whole_chunks(n, s.chunk_frames))
     dtype = DTYPES[s.latent_dtype]
@@ -102,6 +109,11 @@ def encode_record(record: Record, slot: int, s: PrepareSettings, codec: Codec, t
             "latent_frames": [codec.latent_frames(len(c)) for c in clips]}
     if candidates:
         meta["context_frames"] = candidates
+    if scorer is not None:  # once here, instead of decoding and scoring candidates in every training step
+        meta["clip_frames"] = [candidate_frames(len(clip), s.strategy, s.budget) for clip in clips]
+        for j, (clip, picks) in enumerate(zip(clips, meta["clip_frames"])):
+            pixels = pixels_from_uint8(torch.from_numpy(clip[picks]))  # [3, N, H, W]
+            tensors[f"{slot}/shot{j}/clip"] = torch.stack(scorer.features([], pixels.transpose(0, 1))).float()
     rejected = _encode_rejected(record, slot, clips, s, codec, tensors)
     if rejected:
         meta["rejected"] = rejected
@@ -152,7 +164,7 @@ def _encode_references(record: Record, slot: int, clips: list, s: PrepareSetting
 
 
 def _shard(entries: list[Record | Skip], s: PrepareSettings, codec: Codec, text: T5TextEncoder,
-           settings: dict, manifest: Path, bar: tqdm) -> dict:
+           settings: dict, manifest: Path, bar: tqdm, scorer=None) -> dict:
     """Encode one shard's entries; bad ones become `skipped` and a stderr line."""
     tensors: dict[str, torch.Tensor] = {}
     records, skipped = [], []
@@ -160,7 +172,7 @@ def _shard(entries: list[Record | Skip], s: PrepareSettings, codec: Codec, text:
         try:
             if isinstance(entry, Skip):
                 raise BadRecord(entry.reason)
-            t, meta = encode_record(entry, slot, s, codec, text, settings["context"]["frames"])
+            t, meta = encode_record(entry, slot, s, codec, text, settings["context"]["frames"], scorer)
             tensors.update(t)
             records.append(meta)
         except BadRecord as e:
@@ -171,8 +183,8 @@ def _shard(entries: list[Record | Skip], s: PrepareSettings, codec: Codec, text:
 
 
 def prepare_shards(manifest: str | Path, out: str | Path, s: PrepareSettings, codec: Codec,
-                   text: T5TextEncoder, rank: int = 0, world: int = 1, progress: bool = True) -> int:
-    """Write this rank's shards under `out`; return how many were (re)done."""
+                   text: T5TextEncoder, rank: int = 0, world: int = 1, progress: bool = True, scorer=None) -> int:
+    """Write this rank's shards under `out` (`scorer`: see encode_record); return how many were (re)done."""
     manifest, out = Path(manifest), Path(out)
     entries = read_manifest(manifest)
     settings = fingerprint(s, codec, text, manifest)
@@ -184,7 +196,7 @@ def prepare_shards(manifest: str | Path, out: str | Path, s: PrepareSettings, co
     with tqdm(total=sum(len(entries[k * n:(k + 1) * n]) for k in todo), disable=not progress or rank != 0,
               desc="prepare", unit="video", file=sys.stderr) as bar:
         for k in todo:
-            result = _shard(entries[k * n:(k + 1) * n], s, codec, text, settings, manifest, bar)
+            result = _shard(entries[k * n:(k + 1) * n], s, codec, text, settings, manifest, bar, scorer)
             write_shard(out, shard_name(k), result.pop("_tensors"), result)
             done += 1
     return done

@@ -2,7 +2,9 @@
 
 With `data.manifest` empty it first renders the synthetic world (`data.synth`) into
 `<prepared>/world/`. The tiny text encoder is saved beside the shards (`text_encoder/`), so that
-serving and evaluation encode prompts with the very weights the shards were made with.
+serving and evaluation encode prompts with the very weights the shards were made with. With a
+ranked context strategy scored by CLIP (`data.context.similarity.kind: clip`), each shot's candidate
+frames are scored once here: their image features are stored beside the latents.
 `shotdistill data prepare` runs the same function in one process.
 """
 
@@ -19,7 +21,8 @@ from distill.data.components import build_codec, build_text_encoder, prepared_di
 from distill.data.prepare import PrepareSettings, finish, prepare_shards
 from distill.data.references import check_references
 from distill.data.synth import synthesize
-
+from student.memory import ClipSimilarity
+from teacher.context import RANKED
 
 
 def settings_of(cfg: DictConfig) -> PrepareSettings:
@@ -33,7 +36,9 @@ def settings_of(cfg: DictConfig) -> PrepareSettings:
                            strategy=d.context.strategy, budget=d.context.budget,
                            caption_layout=cfg.text_encoder.caption_layout, long_shots=d.long_shots,
                            chunk_frames=cfg.student.chunk_frames,
-                           references=d.context.references.max if d.context.references.p > 0 else 0)
+                           references=d.context.references.max if d.context.references.p > 0 else 0,
+                           similarity=d.context.similarity.path if d.context.strategy in RANKED and
+                           d.context.similarity.kind == "clip" else "")
 
 
 def prepare(cfg: DictConfig, manifest: str | Path | None, out: str | Path, rank: int = 0,
@@ -52,7 +57,8 @@ def prepare(cfg: DictConfig, manifest: str | Path | None, out: str | Path, rank:
         raise FileNotFoundError(f"{manifest}: manifest not found")
     codec = build_codec(cfg.codec, device)
     text = build_text_encoder(cfg.text_encoder, device)
-    prepare_shards(manifest, out, settings, codec, text, rank, world, progress)
+    scorer = ClipSimilarity.from_pretrained(settings.similarity, device) if settings.similarity else None
+    prepare_shards(manifest, out, settings, codec, text, rank, world, progress, scorer)
     barrier()
     report = finish(manifest, out, settings.records_per_shard) if rank == 0 else None
     barrier()
