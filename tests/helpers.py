@@ -191,3 +191,15 @@ def make_prepared(root: Path, overrides=SMALL_WORLD) -> Path:
     cfg = load_recipe(default_recipe(), list(overrides))
     prepare(cfg, synthesize(root / "world", synth_settings(cfg.data.synth)), root / "out", progress=False)
     return root / "out"
+
+
+def stream_chunks(stream, x, t, text, context, grad: bool = False):
+    """Every chunk of x [B, C, F, H, W] through a ChunkStream's cache at its own timesteps t [B, F], each
+    committed at the same input (what the full-sequence forward sees); the velocities, concatenated."""
+    stream.begin_shot(text, context, grad=grad)
+    chunk, outs = stream.student.settings.chunk_frames, []
+    for i in range(x.shape[2] // chunk):
+        xi, ti = x[:, :, chunk * i:chunk * (i + 1)], t[:, chunk * i:chunk * (i + 1)]
+        outs.append(stream.predict(xi, ti))
+        stream.commit(xi, ti, grad=grad)
+    return torch.cat(outs, dim=2)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TEXT_DIM, make_tiny_wan
+from helpers import TEXT_DIM, make_tiny_wan, stream_chunks
 from student import compiled
 from student.compression import age, compressed_attention, pool
 from student.context import Context
@@ -35,17 +35,6 @@ def _inputs(frames=15, seed=0, grad=False):
     texts = torch.cat([shot_a.expand(-1, 2, -1, -1), shot_b.expand(-1, 2, -1, -1)], 1)
     t = torch.rand(2, frames, generator=gen) * 1000
     return x.requires_grad_(grad), t, text, Context(latents, texts, torch.tensor([0, 0, 1, 1]))
-
-
-def _streamed(stream, x, t, text, context, grad=False):
-    """Every chunk through the cache at its own timesteps, each committed at the same input."""
-    stream.begin_shot(text, context, grad=grad)
-    outs = []
-    for i in range(x.shape[2] // 3):
-        xi, ti = x[:, :, 3 * i:3 * i + 3], t[:, 3 * i:3 * i + 3]
-        outs.append(stream.predict(xi, ti))
-        stream.commit(xi, ti, grad=grad)
-    return torch.cat(outs, dim=2)
 
 
 def test_pool_averages_each_frames_token_blocks():
@@ -91,7 +80,7 @@ def test_cached_chunks_equal_the_full_sequence(kernels, keep_graph):
     x, t, text, context = _inputs()
     with torch.no_grad():
         full = student(x, t, text, context.latents, context.texts, context.shots)
-        cached = _streamed(ChunkStream(student, 2, SIZE, SIZE, keep_graph=keep_graph), x, t, text, context)
+        cached = stream_chunks(ChunkStream(student, 2, SIZE, SIZE, keep_graph=keep_graph), x, t, text, context)
     assert (full - cached).abs().max().item() <= 1e-5
     plain = CausalStudent(student.transformer, StudentSettings(chunk_frames=3, local_chunks=3, context_frames=4))
     with torch.no_grad():  # the compression changes what the chunks see
@@ -106,7 +95,7 @@ def test_cached_gradients_equal_the_full_sequence():
     for cached in (False, True):
         student.zero_grad()
         x.grad = None
-        out = _streamed(ChunkStream(student, 2, SIZE, SIZE, keep_graph=True), x, t, text, context, grad=True) \
+        out = stream_chunks(ChunkStream(student, 2, SIZE, SIZE, keep_graph=True), x, t, text, context, grad=True) \
             if cached else student(x, t, text, context.latents, context.texts, context.shots)
         (out * weight).sum().backward()
         grads.append([x.grad.clone()] + [p.grad.clone() for p in student.parameters()])
@@ -123,7 +112,7 @@ def test_fixed_shape_pass_equals_the_sliced_pass(monkeypatch):
         outs = []
         for mode in ("none", "compile"):
             stream = ChunkStream(student, 2, SIZE, SIZE, compile=mode)
-            outs.append([_streamed(stream, x, t, text, c) for c in (None, context)])
+            outs.append([stream_chunks(stream, x, t, text, c) for c in (None, context)])
     for sliced, fixed in zip(*outs):
         torch.testing.assert_close(fixed, sliced, atol=1e-5, rtol=0)
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import make_tiny_wan, student_inputs
+from helpers import make_tiny_wan, stream_chunks, student_inputs
 from student.context import Context
 
 from student.model import CausalStudent
@@ -27,14 +27,7 @@ def _context(context, context_text):
 
 
 def _stream(stream, x, t, text, context, context_text, commit_grad=False):
-    """Every chunk through the cache at its own timesteps, each committed at the same input."""
-    stream.begin_shot(text, _context(context, context_text), grad=commit_grad)
-    outs = []
-    for i in range(x.shape[2] // 3):
-        xi, ti = x[:, :, 3 * i:3 * i + 3], t[:, 3 * i:3 * i + 3]
-        outs.append(stream.predict(xi, ti))
-        stream.commit(xi, ti, grad=commit_grad)
-    return torch.cat(outs, dim=2)
+    return stream_chunks(stream, x, t, text, _context(context, context_text), commit_grad)
 
 
 @pytest.mark.parametrize("keep_graph", [False, True])
