@@ -169,6 +169,18 @@ def test_section_replaces_itself_in_the_results_file(validity, tmp_path):
     assert "## After\n\nkept too" in written and "total 30 s" in written
 
 
+def test_memory_option_rows_write_their_own_section(validity, tmp_path):
+    """The opt-in rows never replace the paper's tables: they tabulate into their own section, whose
+    compute-time line counts only their runs."""
+    assert validity.section_title(["both", "dynamic"], smoke=False) == validity.SECTION
+    assert validity.section_title(["local-compression", "dynamic"], smoke=False) == validity.OPTIONS_SECTION
+    assert validity.section_title(["local-compression"], smoke=True) == validity.SMOKE_SECTION
+    timings = {"seed-0/default": {"stages_s": 30.0}, "seed-0/indicator-none": {"stages_s": 500.0},
+               "seed-0/local-compression": {"stages_s": 10.0}}
+    line = validity.timing_lines(timings, validity.runs_for(["local-compression", "dynamic"]))[0]
+    assert "indicator-none" not in line and "total 40 s" in line
+
+
 def test_smoke_and_real_runs_never_share_an_out_root(validity, tmp_path):
     validity.check_out_root(tmp_path / "smoke", smoke=True)
     with pytest.raises(SystemExit, match="smoke"):
