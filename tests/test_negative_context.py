@@ -104,3 +104,16 @@ def test_a_stream_mixes_the_same_after_resume_and_anew_each_epoch(folder):
     n = len(dataset)
     picks = lambda e: [dataset.negative_shot(i) for i in range(n)] if not dataset.set_epoch(e) else None  # noqa: E731
     assert picks(0) != picks(1)
+
+
+def test_a_limit_caps_rules_that_ignore_the_budget(folder):
+    """first_last picks two frames per history shot whatever the budget: with a limit (the student's
+    global cache: ODE pairs, DMD) only the newest `limit` stay, and the group says so."""
+    free = ShotDataset(folder, "first_last", 3)
+    capped = ShotDataset(folder, "first_last", 3, limit=3)
+    deep = [i for i in range(len(free)) if free[i]["context"].frames > 3]
+    assert deep, "the world needs histories of 2+ shots"
+    for i in deep:
+        got, full = capped[i]["context"], free[i]["context"]
+        assert got.frames == 3 == capped.group(i)[0]
+        assert torch.equal(got.latents, full.latents[:, -3:]) and torch.equal(got.shots, full.shots[-3:])

@@ -112,7 +112,7 @@ def test_negative_context_reaches_the_pairs(tmp_path_factory):
     cfg = plan(ODE, overrides).cfg
     pairs = OdePairDataset(out / "tiny" / "ode-pairs")
     dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget,
-                          (1.0, cfg.data.context.negative.frames, cfg.run.seed))
+                          (1.0, cfg.data.context.negative.frames, cfg.run.seed), limit=cfg.data.context.budget)
     plain = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget)
     mixed = 0
     for n in range(len(pairs)):
@@ -121,7 +121,8 @@ def test_negative_context_reaches_the_pairs(tmp_path_factory):
         item, negative = dataset[i % len(dataset)], dataset.negative_shot(i % len(dataset))
         assert torch.equal(stored["context"].latents, item["context"].latents.float())
         assert dataset.data.records[negative.record]["id"] != stored["record"]
-        mixed += stored["context"].frames > plain[i % len(plain)]["context"].frames
+        mixed += stored["context"].frames > plain[i % len(plain)]["context"].frames or \
+            stored["context"].frames == cfg.data.context.budget
     assert mixed == len(pairs)
     fingerprint = json.loads((out / "tiny" / "ode-pairs" / "shard-00000.json").read_text())["fingerprint"]
     assert fingerprint["negative"] == [1.0, cfg.data.context.negative.frames]

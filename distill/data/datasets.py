@@ -178,9 +178,7 @@ class ShotDataset:
         refs = len(self.reference_picks(i))
         picks = self._history_frames(rec["shot_frames"][:target], self.budget - refs)
         negative = self.negative_shot(i)
-        if negative is None:
-            return refs + picks, rec["latent_frames"][target]
-        frames = picks + len(negative.frames)
+        frames = picks + (0 if negative is None else len(negative.frames))
         return refs + (frames if self.limit is None else min(frames, self.limit - refs)), rec["latent_frames"][target]
 
     def __getitem__(self, i: int) -> dict:
@@ -197,9 +195,10 @@ class ShotDataset:
                             data.shot_text(other, negative.shot).expand(len(negative.frames), -1, -1),
                             torch.zeros(len(negative.frames), dtype=torch.long))
             context = insert_shot(context, extra, negative.place)
-            if self.limit is not None and context.frames > self.limit - len(refs):
-                keep = slice(context.frames - (self.limit - len(refs)), None)
-                context = Context(context.latents[:, keep], context.texts[keep], context.shots[keep])
+        # rules that ignore the budget (first, first_last) may pick more than the global cache holds
+        if context is not None and self.limit is not None and context.frames > self.limit - len(refs):
+            keep = slice(context.frames - (self.limit - len(refs)), None)
+            context = Context(context.latents[:, keep], context.texts[keep], context.shots[keep])
         context = Context.cat([data.references(rec, target, refs), context]) or Context.empty_like(latents, text)
         return {"latents": latents, "text": text, "context": context, "target_shot": torch.tensor(target),
                 "record": rec["id"]}

@@ -148,7 +148,7 @@ class OdePairsStage:
         negative = cfg.data.context.negative
         dataset = ShotDataset(prepared_dir(cfg), cfg.data.context.strategy, cfg.data.context.budget,
                               (negative.p, negative.frames, cfg.run.seed) if negative.p > 0 else None,
-                              memory=memory_rule(cfg))
+                              limit=cfg.data.context.budget, memory=memory_rule(cfg))  # what the student's cache holds
         fingerprint = self.fingerprint(model_dir, dataset)
         self.out.mkdir(parents=True, exist_ok=True)
         per, total = cfg.ode.pairs_per_shard, cfg.ode.pairs
