@@ -282,6 +282,8 @@ class TeacherConfig:
     timestep_shift: float = key(1.0, "shift applied to the uniformly drawn training timesteps")
     loss_buckets: int = key(4, "timestep strata; the loss of each is logged as teacher/loss_t<lo>-<hi>")
     eval_samples: int = key(4, "next shots sampled at the end for the colour-consistency metric (0: none)")
+    ema_decay: float = key(0.0, "EMA decay of the teacher's trainable weights (0: off); the EMA is what is saved")
+    ema_start: int = key(0, "step at which the teacher's EMA starts as a copy of the weights")
 
 
 @dataclass

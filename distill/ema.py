@@ -1,4 +1,4 @@
-"""Exponential moving average of a model's trainable parameters (the DMD generator's EMA).
+"""Exponential moving average of a model's trainable parameters (the DMD generator's, the teacher's).
 
 Each rank averages the parameter data it holds: the whole tensor, or under ZeRO-3 its own
 partition (`param.ds_tensor`; persistent small parameters are whole), so under ZeRO-3 the EMA
@@ -26,7 +26,7 @@ class EMA:
 
     def __init__(self, module: nn.Module, decay: float, start: int) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"dmd.ema_decay must be in [0, 1), got {decay}")
+            raise ValueError(f"an EMA decay must be in [0, 1), got {decay}")
         self.decay, self.start = decay, start
         self.params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.shadow: dict[str, torch.Tensor] = {}

@@ -19,6 +19,9 @@ rank and micro-batch of a step therefore covers the same strata, so the per-stra
 (`teacher/loss_t<lo>-<hi>`, means over the current logging window) are the same set of scalars on
 all ranks, and every stratum shows up within K samples.
 
+With `teacher.ema_decay` > 0 an EMA of the trainable weights (distill/ema.py, checkpointed with the
+run) replaces them at the end, as the DMD generator's does.
+
 At the end the teacher is saved to `<stage>/model/` (diffusers folder + settings json) and a few
 next shots are sampled with and without context and scored against the world's facts.
 """
@@ -33,6 +36,7 @@ from distill.context_noise import check_range, noise_context
 from distill.data.components import shot_stream
 from distill.data.negatives import check_negative
 from distill.data.references import check_references
+from distill.ema import EMA
 from distill.logging import log_final
 from distill.models import build_teacher, save_teacher
 from distill.trainer import TrainedModel, Trainer
@@ -93,6 +97,9 @@ class TeacherStage:
                              f"teacher.captions=target_only, got {t.captions!r}")
         if t.timestep_shift <= 0 or cfg.sampler.shift <= 0:
             raise ValueError("teacher.timestep_shift and sampler.shift must be > 0")
+        if not 0.0 <= t.ema_decay < 1.0 or t.ema_start < 0:
+            raise ValueError(f"teacher.ema_decay must be in [0, 1) and teacher.ema_start >= 0; got {t.ema_decay}, "
+                             f"{t.ema_start}")
         if t.loss_buckets < 1 or t.eval_samples < 0 or cfg.sampler.steps < 1:
             raise ValueError("teacher.loss_buckets and sampler.steps must be >= 1, teacher.eval_samples >= 0")
         check_context_keys(cfg, t.injection, t.context_timestep)
@@ -109,9 +116,13 @@ class TeacherStage:
         cfg, env = self.cfg, self.ctx.env
         teacher = trainable_teacher(cfg)
         data = shot_stream(cfg, env.rank, env.world_size)
-        self.trainer = Trainer(cfg, self.ctx, [TrainedModel("teacher", teacher)], data, self.step)
+        ema = EMA(teacher, cfg.teacher.ema_decay, cfg.teacher.ema_start)
+        self.trainer = Trainer(cfg, self.ctx, [TrainedModel("teacher", teacher, after_update=ema.update)], data,
+                               self.step, extra_state={"ema": ema})
         metrics = self.trainer.fit()
         engine = self.trainer.engines["teacher"]
+        if ema.enabled:
+            ema.copy_to()  # the averaged weights are the teacher every later stage samples
         save_teacher(engine, layout.product(self.ctx.stage_dir, self.produces), env)
         scores = next_shot_colour(engine, cfg, EvalRun.of(env, cfg.run.seed))
         if scores:
