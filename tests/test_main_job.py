@@ -39,13 +39,17 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path):
         assert f"{stage}/identity_match" in metrics, f"eval/metrics.json lacks the {stage} row"
     assert (run / "eval" / "stages.md").is_file()
 
-    # the teacher draws the story's colours: uniform noise scores 0 (tests/test_metric_ends.py); the
-    # main job's teacher measured 0.30 on 2026-11-30 (issue 15's goal, 0.8, needs recipes/small.yaml)
-    assert metrics["teacher/colour_consistency"] >= 0.2, metrics
-    # the students learn the colours from it (measured 0.14 / 0.15 / 0.15 at causal-init lr 3e-4; at
-    # 1e-5 the causal init scored 0.01); uniform noise scores 0
+    # the teacher draws the story's colours and, in part, its sprites: uniform noise scores 0 on both
+    # (tests/test_metric_ends.py); measured 2026-12-01 with teacher.timestep_shift 8: colour 0.69,
+    # identity 0.23 (at shift 1 it painted noise textures: colour 0.30, identity 0). Issue 15's goals
+    # (colour 0.8, identity 0.6) are not met.
+    assert metrics["teacher/colour_consistency"] >= 0.5, metrics
+    assert metrics["teacher/identity_match"] >= 0.1, metrics
+    # the students learn colours and sprites from it (measured colour 0.52 / 0.53 / 0.53, identity
+    # 0.19 / 0.15 / 0.16); uniform noise scores 0
     for stage in TRAINING_STAGES[1:]:
-        assert metrics[f"{stage}/colour_consistency"] >= 0.1, (stage, metrics)
+        assert metrics[f"{stage}/colour_consistency"] >= 0.35, (stage, metrics)
+        assert metrics[f"{stage}/identity_match"] >= 0.05, (stage, metrics)
 
     # the causal init's purpose: its student's 4-step cached samples end closer to the teacher's than
     # the uninitialised student's (the teacher's weights under chunk-causal attention)

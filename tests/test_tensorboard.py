@@ -234,7 +234,7 @@ def test_layout_regexes_chart_every_tag_the_stages_log(toy_runs, tmp_path):
     board = Board(toy_runs / "runs")
     toy_tags = {tag.split("/", 1)[1] for tag in board.mux.PluginRunToTagToContent("scalars")["toy/tb/toy"]}
     tags, every = stage_tags(toy_tags)
-    assert "loss_t0-250" in tags["teacher"] and "exit_step" in tags["dmd-inter"]  # the derivation works
+    assert any(tag.startswith("loss_t0-") for tag in tags["teacher"]) and "exit_step" in tags["dmd-inter"]  # derived
     assert "eval_distance_after" in tags["causal-init"] and "student_colour_all_before" in tags["dmd-intra"]
     assert tags["prepare"] and tags["ode-pairs"]
     from distill.stages.dmd import DMDStage
