@@ -259,7 +259,8 @@ class ModelConfig:
     layers: int = key(2, "random Wan: transformer blocks")
     freq_dim: int = key(64, "random Wan: sinusoidal timestep embedding width")
     attention: str = choice("auto", BACKENDS, "self-attention backend of teacher and student (kernels/dispatch.py): "
-                            "auto = FlexAttention on CUDA unless Triton was measured >=10% faster, SDPA on CPU")
+                            "auto = FlexAttention on CUDA unless Triton was measured >=10% faster, SDPA on CPU; a "
+                            "student with student.local_compression runs its pooled attention in SDPA whatever this says")
 
 
 @dataclass
