@@ -93,6 +93,7 @@ def test_compiled_generator_equals_eager_with_bounded_graphs(tmp_path):
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
 
 
+@pytest.mark.slow
 def test_benchmark_reports_every_mode(tmp_path, monkeypatch):
     """benchmarks/compiled.py side by side on the tiny recipes' model, dynamo's eager backend (no code
     generation, a few seconds): every field of the table, the device named, frames equal to eager's."""

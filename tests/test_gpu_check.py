@@ -13,6 +13,7 @@ import torch
 _PATH = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the smoke kernel part needs the interpreter")
 def test_smoke_runs_every_part(tmp_path, monkeypatch, one_thread):
     spec = importlib.util.spec_from_file_location("gpu_check", _PATH)

@@ -231,6 +231,7 @@ def test_resume_never_says_what_it_discards(tmp_path, toy_recipe, capsys):
 # --------------------------------------------------------------------------- item 9: honest exit codes, one-line failures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, code", [("TERM", 143), ("INT", 130)])
 def test_stop_signal_saves_a_checkpoint_then_exits_non_zero(tmp_path, toy_recipe, name, code):
     from conftest import shotdistill

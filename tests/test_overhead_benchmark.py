@@ -5,9 +5,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 _PATH = Path(__file__).parents[1] / "benchmarks" / "overhead.py"
 
 
+@pytest.mark.slow
 def test_one_round_of_every_variant(tmp_path, one_thread):
     spec = importlib.util.spec_from_file_location("overhead_bench", _PATH)
     overhead = importlib.util.module_from_spec(spec)
